@@ -1,0 +1,81 @@
+"""The ``bench`` command line. Subcommands are imported lazily so that ``bench --help`` never imports torch.
+
+Each subcommand lives in its own module of this package and exposes a click command; ``main()`` turns
+``BenchError`` into a one-line message on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from benchmark import __version__
+
+#: name -> ("module", "attribute", "one-line help shown by bench --help")
+SUBCOMMANDS = {
+    "data": ("benchmark.cli.data", "data", "Find, verify and cache the Omniglot data."),
+    "plugins": ("benchmark.cli.plugins", "plugins", "List installed plugins and their status."),
+    "learners": ("benchmark.cli.plugins", "learners", "List learners, or show one learner's config fields."),
+    "run": ("benchmark.cli.run", "run", "Train a learner and evaluate it on the fixed test episodes."),
+    "table": ("benchmark.cli.table", "table", "Summarize runs as a table with 95% confidence intervals."),
+    "perf": ("benchmark.cli.perf", "perf", "Time a learner's meta-training step against the per-task loop."),
+    "reproduce": ("benchmark.cli.reproduce", "reproduce", "Reproduce a paper's table in the harness."),
+}
+
+
+class LazyGroup(click.Group):
+    """A group whose subcommands are imported only when they are invoked."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(SUBCOMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in SUBCOMMANDS:
+            return None
+        module, attr, _ = SUBCOMMANDS[name]
+        return getattr(importlib.import_module(module), attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # Use the static help lines: importing each command to read its help would import torch.
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, help_line) for name, (_, _, help_line) in SUBCOMMANDS.items()])
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="metabench")
+def cli() -> None:
+    """metabench: compare few-shot meta-learners on identical, seeded Omniglot episodes.
+
+    \b
+    bench data                       check and cache the data (downloads it if needed)
+    bench learners                   the learners that plugins provide
+    bench run --learner maml --way 20 --shot 1
+    bench table results/ --reference maml
+    """
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``bench`` script: user errors become one line on stderr and exit code 2."""
+    from benchmark.errors import BenchError
+
+    try:
+        # With standalone_mode off, click returns the exit code of click.exceptions.Exit instead of raising it.
+        result = cli.main(args=argv, prog_name="bench", standalone_mode=False)
+    except BenchError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""Exceptions that the CLI turns into a one-line message and exit code 2.
+
+Every message names the problem and the fix; nothing else in the code base prints user errors.
+"""
+
+from __future__ import annotations
+
+
+class BenchError(Exception):
+    """A user-facing error: bad input, missing data, an unusable output directory."""
+
+    exit_code = 2
+
+
+class DataError(BenchError):
+    """The Omniglot data is missing, incomplete or does not match its checksums."""
+
+
+class ProtocolError(BenchError):
+    """An episode specification or protocol name that the protocol cannot serve."""
+
+
+class ConfigError(BenchError):
+    """A learner config override that names an unknown key or has a bad value."""
+
+
+class PluginError(BenchError):
+    """A learner that is unknown, registered twice, or broken."""

@@ -1,0 +1,44 @@
+"""Shared fixtures: the real Omniglot when it is present (else those tests skip), and fake trees."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def real_data_dir() -> Path | None:
+    """``BENCH_TEST_OMNIGLOT``, else ``../shared/data/omniglot`` beside the checkout, if it holds the zips."""
+    candidates = [os.environ.get("BENCH_TEST_OMNIGLOT"), REPO.parent / "shared" / "data" / "omniglot"]
+    for c in candidates:
+        if c and (Path(c) / "images_background.zip").is_file() and (Path(c) / "images_evaluation.zip").is_file():
+            return Path(c)
+    return None
+
+
+@pytest.fixture(scope="session")
+def omniglot_dir() -> Path:
+    path = real_data_dir()
+    if path is None:
+        pytest.skip("real Omniglot not found: set BENCH_TEST_OMNIGLOT or place it in ../shared/data/omniglot")
+    return path
+
+
+@pytest.fixture(scope="session")
+def omniglot(omniglot_dir):
+    """The real data set, decoded once (cached in the user's cache dir, or BENCH_CACHE_DIR)."""
+    from benchmark.data import load_omniglot
+
+    return load_omniglot(omniglot_dir)
+
+
+@pytest.fixture
+def isolated_cache(tmp_path, monkeypatch) -> Path:
+    """An empty cache directory, with BENCH_DATA_DIR unset, so data lookup starts from nothing."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("BENCH_CACHE_DIR", str(cache))
+    monkeypatch.delenv("BENCH_DATA_DIR", raising=False)
+    return cache
