@@ -1,0 +1,56 @@
+"""``bench table``: summarize finished runs as a table of mean ± 95% CI, optionally against a reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command("table")
+@click.argument("paths", nargs=-1, type=click.Path(path_type=str))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["markdown", "latex", "csv"]),
+    default="markdown",
+    show_default=True,
+    help="markdown (pipe table with caption), latex (plain tabular, no extra packages) or csv (percent, "
+    "full precision, one row per learner and cell).",
+)
+@click.option(
+    "--reference",
+    metavar="LEARNER",
+    default=None,
+    help="Add the paired difference to this learner on identical test episodes, with its 95% CI.",
+)
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, path_type=str),
+    default=None,
+    help="Write the table to this file instead of stdout.",
+)
+def table(paths: tuple[str, ...], fmt: str, reference: str | None, output: str | None) -> None:
+    """Summarize the runs below PATHS (default: results/) as a table.
+
+    One row per learner (variants of a learner that differ in config are separate rows, labelled by the
+    differing keys), one column per way/shot. Cells are mean ± 95% CI in percent over the test episodes;
+    several training seeds of the same run combine (bootstrap over seeds x episodes). Runs that are not
+    complete are skipped with a note on stderr.
+
+    \b
+    bench table results/
+    bench table results/ --reference maml --format latex --output table.tex
+    """
+    from benchmark.errors import BenchError
+    from benchmark.tables import make_table
+
+    text = make_table(paths or ("results/",), fmt=fmt, reference=reference, warn=lambda m: click.echo(m, err=True))
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    try:
+        Path(output).write_text(text)
+    except OSError as exc:
+        raise BenchError(f"cannot write {output}: {exc}; choose another --output path") from exc
+    click.echo(f"wrote {output}", err=True)
