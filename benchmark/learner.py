@@ -99,6 +99,12 @@ class Learner:
         """How many test episodes ``predict`` receives at once."""
         return int(getattr(self.config, "eval_batch_size", 25))
 
+    @classmethod
+    def reference_config(cls, config: Any) -> Any | None:
+        """The config of a plain, unoptimized implementation of the same algorithm (e.g. a Python loop over
+        tasks), which ``bench perf`` times beside the shipped one; ``None`` when there is none."""
+        return None
+
     def describe(self) -> dict[str, Any]:
         """Protocol facts reported in every result row and table, e.g. ``{"order": "second",
         "inner_steps_train": 1, "inner_steps_test": 10, "batchnorm": "transductive"}``."""

@@ -1,0 +1,77 @@
+"""End-to-end learning on the real Omniglot (vinyals protocol, 5-way 1-shot, 100 test episodes, seed 0).
+
+Budgets are cut to fit ~4 minutes on 2 CPU cores for all three learners together: smaller meta-batches,
+a larger meta learning rate and 5 training queries per class (tests still use 15). Measured on 2 cores
+(torch 2.14): maml 300 steps 83.2% (~70 s), fomaml 200 steps ~80%, finetune 1000 steps ~77% (~45 s).
+Thresholds leave a margin below those numbers; chance is 20%.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.slow, pytest.mark.realdata]
+
+WAY, SHOT, TEST_QUERY, TRAIN_QUERY = 5, 1, 15, 5
+
+
+@pytest.fixture(scope="module")
+def pools(omniglot):
+    from benchmark.protocol import ClassPool, EpisodeSpec, Manifest, get_protocol
+
+    protocol = get_protocol("vinyals")
+    train, test = ClassPool(omniglot, protocol, "train"), ClassPool(omniglot, protocol, "test")
+    manifest = Manifest.build(test, EpisodeSpec(WAY, SHOT, TEST_QUERY), seed=0, episodes=100)
+    return train, test, manifest
+
+
+def train_and_score(learner_cls, pools, steps: int, **overrides) -> tuple[float, float, float]:
+    """(test accuracy, training seconds, evaluation seconds)."""
+    from benchmark.learner import RunContext
+    from benchmark.protocol import EpisodeSampler, EpisodeSpec, MinibatchSampler
+
+    train, test, manifest = pools
+    ctx = RunContext(WAY, SHOT, TEST_QUERY, torch.device("cpu"), seed=0, num_train_classes=train.num_classes)
+    learner = learner_cls(dataclasses.replace(learner_cls.default_config(WAY, SHOT), **overrides), ctx)
+    if learner_cls.train_data == "episodes":
+        sampler = EpisodeSampler(train, EpisodeSpec(WAY, SHOT, TRAIN_QUERY), seed=0)
+        sample = lambda: sampler.sample(learner.train_batch_size)  # noqa: E731
+    else:
+        sample = MinibatchSampler(train, learner.train_batch_size, seed=0).sample
+    start = time.perf_counter()
+    for _ in range(steps):
+        learner.meta_train_step(sample())
+    train_s = time.perf_counter() - start
+    start, correct = time.perf_counter(), []
+    for _, batch in manifest.batches(test, learner.eval_batch_size):
+        logits = learner.predict(batch.support_x, batch.support_y, batch.query_x)
+        correct.append((logits.argmax(dim=-1) == batch.query_y).float().mean(dim=1))
+    return torch.cat(correct).mean().item(), train_s, time.perf_counter() - start
+
+
+def _report(record_property, name, steps, acc, train_s, eval_s):
+    record_property(f"{name}_accuracy", round(acc, 4))
+    record_property(f"{name}_train_seconds", round(train_s, 1))
+    print(f"\n{name}: {steps} steps, accuracy {acc:.2%} on 100 episodes, train {train_s:.1f} s, eval {eval_s:.1f} s")
+
+
+@pytest.mark.parametrize(
+    "name, steps, threshold, overrides",
+    [
+        ("maml", 300, 0.80, {"meta_batch_size": 8, "meta_lr": 3e-3}),
+        ("fomaml", 200, 0.70, {"meta_batch_size": 8, "meta_lr": 3e-3}),
+        ("finetune", 1000, 0.60, {}),
+    ],
+)
+def test_learner_learns(pools, record_property, name, steps, threshold, overrides):
+    from plugins.finetune import Finetune
+    from plugins.maml import FOMAML, MAML
+
+    learner_cls = {"maml": MAML, "fomaml": FOMAML, "finetune": Finetune}[name]
+    acc, train_s, eval_s = train_and_score(learner_cls, pools, steps, **overrides)
+    _report(record_property, name, steps, acc, train_s, eval_s)
+    assert acc >= threshold
