@@ -1,0 +1,103 @@
+"""Timing a learner's meta-training step against its plain per-task-loop reference, in one process.
+
+Each variant is timed after warm-up, with the device synchronized around every step so that a step's time
+is its own; the median is reported (robust to the odd slow step), with iterations per second and peak
+memory. The ratio reference/shipped says how much faster the shipped learner is on this machine, measured
+in the same run, so it holds whatever the hardware.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from benchmark.learner import Learner
+from benchmark.protocol import EpisodeSampler, EpisodeSpec, Manifest, MinibatchSampler
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: peak allocated by this variant. CPU: the process's peak resident set so far (a high-water mark)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@dataclass
+class StepTiming:
+    """Per-step times of one learner variant (milliseconds)."""
+
+    label: str
+    times_ms: list[float]
+    peak_memory_mb: float
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.times_ms)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "variant": self.label,
+            "median_ms": round(self.median_ms, 3),
+            "min_ms": round(min(self.times_ms), 3),
+            "iterations_per_s": round(1000.0 / self.median_ms, 3),
+            "timed_iterations": len(self.times_ms),
+            "peak_memory_mb": round(self.peak_memory_mb, 1),
+        }
+
+
+def time_training(learner: Learner, pool, spec: EpisodeSpec, iterations: int, warmup: int, seed: int,
+                  label: str) -> StepTiming:
+    """Time ``iterations`` meta-training steps after ``warmup`` untimed ones. Sampling is included, as in a run."""
+    device = pool.device
+    if learner.train_data == "minibatches":
+        sampler: Any = MinibatchSampler(pool, learner.train_batch_size, seed)
+        draw = sampler.sample
+    else:
+        sampler = EpisodeSampler(pool, spec, seed)
+        draw = lambda: sampler.sample(learner.train_batch_size)  # noqa: E731
+    reset_peak_memory(device)
+    for _ in range(warmup):
+        learner.meta_train_step(draw())
+    synchronize(device)
+    times = []
+    for _ in range(iterations):
+        start = time.perf_counter()
+        learner.meta_train_step(draw())
+        synchronize(device)
+        times.append(1000 * (time.perf_counter() - start))
+    return StepTiming(label, times, peak_memory_mb(device))
+
+
+def time_evaluation(learner: Learner, pool, spec: EpisodeSpec, episodes: int) -> dict[str, Any]:
+    """Wall time of scoring ``episodes`` test episodes (one untimed batch first, to warm up)."""
+    from benchmark.runner import evaluate
+
+    device = pool.device
+    warm = Manifest.build(pool, spec, seed=1, episodes=min(episodes, learner.eval_batch_size))
+    evaluate(learner, warm, pool)
+    manifest = Manifest.build(pool, spec, seed=0, episodes=episodes)
+    reset_peak_memory(device)
+    synchronize(device)
+    start = time.perf_counter()
+    evaluate(learner, manifest, pool)
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    return {"episodes": episodes, "seconds": round(seconds, 3), "episodes_per_s": round(episodes / seconds, 2),
+            "peak_memory_mb": round(peak_memory_mb(device), 1)}
