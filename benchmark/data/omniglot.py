@@ -17,7 +17,6 @@ import hashlib
 import io
 import os
 import re
-import tempfile
 import zipfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from pathlib import Path
 
 from benchmark.data.sources import SETS, Sources, cache_root, find_sources
 from benchmark.errors import DataError
+from benchmark.results import atomic_torch_save, atomic_write_json
 
 IMAGE_SIZE = 28
 DRAWINGS = 20
@@ -170,22 +170,6 @@ def cache_file_for(sources: Sources) -> Path:
     return cache_root() / f"omniglot28-{key}.pt"
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    import torch
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def load_omniglot(
     data_dir: str | os.PathLike | None = None,
     *,
@@ -223,7 +207,7 @@ def load_omniglot(
             "characters": list(characters),
             "content_sha256": content_hash(images, characters),
         }
-        _atomic_torch_save(data, path)
+        atomic_torch_save(path, data)
     result = OmniglotImages(
         images=data["images"],
         characters=tuple(data["characters"]),
@@ -241,8 +225,6 @@ def load_omniglot(
             )
     if result.is_real and not verify(result):
         # Remember the verified decode, so later commands need neither --data-dir nor the zips.
-        from benchmark.results import atomic_write_json
-
         atomic_write_json(cache_root() / VERIFIED_POINTER, {"cache_file": path.name, "content_sha256": REAL_CONTENT_SHA256})
     return result
 

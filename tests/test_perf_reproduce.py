@@ -1,0 +1,79 @@
+"""`bench perf` (structure of its report, not speed) and `bench reproduce` (anchors, marks, pending cells)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmark.cli import main
+from benchmark.reproduce import Anchor, comparison, load_anchors, mark, parse_cells
+from benchmark.errors import BenchError
+
+
+@pytest.mark.realdata
+def test_perf_times_shipped_and_reference_in_one_report(omniglot_dir, capsys):
+    code = main(["perf", "--learner", "fomaml", "--device", "cpu", "--iterations", "2", "--warmup", "0",
+                 "--eval-episodes", "3", "-o", "meta_batch_size=2", "-o", "test_inner_steps=1",
+                 "--data-dir", str(omniglot_dir), "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    variants = {t["variant"]: t for t in report["training"]}
+    assert set(variants) == {"shipped", "per-task loop"}
+    assert all(t["timed_iterations"] == 2 and t["median_ms"] > 0 and t["peak_memory_mb"] > 0 for t in variants.values())
+    assert report["speedup"] == pytest.approx(variants["per-task loop"]["median_ms"] / variants["shipped"]["median_ms"], rel=0.01)
+    assert report["evaluation"]["episodes"] == 3 and report["device"] == "cpu" and report["query"] == 1
+
+
+@pytest.mark.realdata
+def test_perf_of_a_learner_without_a_reference(omniglot_dir, capsys):
+    assert main(["perf", "--learner", "finetune", "--device", "cpu", "--iterations", "1", "--warmup", "0",
+                 "--eval-episodes", "0", "--data-dir", str(omniglot_dir), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [t["variant"] for t in report["training"]] == ["shipped"] and "speedup" not in report
+
+
+def test_anchors_are_the_published_table():
+    anchors = {(a.learner, a.way, a.shot): (a.mean, a.ci95) for a in load_anchors("finn2017")}
+    assert anchors[("maml", 20, 1)] == (95.8, 0.3) and anchors[("fomaml", 20, 1)] == (89.4, 0.5)
+    assert len(anchors) == 8
+
+
+def test_marks_and_cells():
+    anchor = Anchor("maml", 20, 1, 95.8, 0.3, "paper")
+    assert [mark(x, anchor) for x in (95.5, 96.1, 95.49, 96.11)] == ["within", "within", "below", "above"]
+    assert parse_cells("5w1s, 20w5s") == [(5, 1), (20, 5)]
+    with pytest.raises(BenchError, match="choose from 5w1s, 5w5s, 20w1s, 20w5s"):
+        parse_cells("5w2s")
+
+
+def _fake_run(root, learner, way, shot, accuracies, preset="finn2017"):
+    run = root / f"{learner}-{way}w{shot}s"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({
+        "learner": learner, "way": way, "shot": shot, "query": shot, "seed": 0, "iterations": 60000,
+        "preset": preset, "manifest_hash": "m", "device_name": "NVIDIA H200",
+        "protocol": {"name": "vinyals", "split_hash": "s", "rotations": [0, 90, 180, 270]}}))
+    (run / "episodes.csv").write_text("episode,accuracy\n" + "".join(f"{i},{a}\n" for i, a in enumerate(accuracies)))
+    (run / "summary.json").write_text(json.dumps({"status": "complete", "n": len(accuracies),
+                                                  "manifest_hash": "m", "wall_time_s": 720.0}))
+
+
+def test_comparison_puts_ours_beside_published_and_the_rest_pending(tmp_path):
+    _fake_run(tmp_path, "maml", 20, 1, [0.96, 0.97, 0.95, 0.96])
+    _fake_run(tmp_path, "fomaml", 20, 1, [0.5, 0.6, 0.5, 0.6], preset=None)  # not this preset: stays pending
+    result = comparison(tmp_path, "finn2017", ["maml", "fomaml"], [(20, 1), (5, 1)], "paper protocol")
+    rows = {(r["learner"], r["cell"]): r for r in result["rows"]}
+    ours = rows[("maml", "20-way 1-shot")]
+    assert ours["published"] == "95.8 ± 0.3" and ours["ours"].startswith("96.00 ± ")
+    assert ours["mark"] == "within" and ours["train time"] == "12.0 min" and ours["device"] == "NVIDIA H200"
+    assert rows[("fomaml", "20-way 1-shot")]["ours"] == "pending"
+    assert rows[("maml", "5-way 1-shot")]["mark"] == "pending"
+    assert "600 test episodes" in result["caption"] and "Finn" in result["caption"]
+
+
+def test_reproduce_table_only_shows_pending_cells(tmp_path, capsys):
+    assert main(["reproduce", "finn2017", "--table-only", "--out", str(tmp_path)]) == 0
+    table = (tmp_path / "table.md").read_text()
+    assert table.count("pending") == 2 * 12 and "98.7 ± 0.4" in table
+    assert (tmp_path / "table.tex").read_text().count(r"\\") >= 13
