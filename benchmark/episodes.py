@@ -15,8 +15,8 @@ class EpisodeBatch:
     """T few-shot episodes of N classes, K support and Q query drawings per class.
 
     Within an episode the classes are distinct, labels are 0..N-1 assigned in a random order, and support and
-    query hold disjoint drawings of the same classes. Examples are grouped by label: index ``i`` of the
-    support set has label ``support_y[t, i]`` (for building one-hot targets, never assume an order).
+    query hold disjoint drawings of the same classes. Examples come in a random order within the support and
+    the query set (so the order says nothing about the labels): use ``support_y``, never positions.
 
     Attributes:
         support_x: [T, N*K, 1, 28, 28] float32

@@ -172,38 +172,58 @@ class ClassPool:
         r = len(self.protocol.rotations)
         return self.characters[class_id // r], self.protocol.rotations[class_id % r]
 
-    def episodes(self, classes: torch.Tensor, drawings: torch.Tensor, spec: EpisodeSpec) -> EpisodeBatch:
-        """Gather episodes by indexing the bank.
-
-        Args:
-            classes: [T, N] int64 class ids; label n of episode t is ``classes[t, n]``.
-            drawings: [T, N, K+Q] int64 drawing indices; the first K are support, the rest query.
-        """
-        classes, drawings = classes.to(self.device), drawings.to(self.device)
-        t, n, kq = drawings.shape
+    def episodes(self, draw: EpisodeDraw, spec: EpisodeSpec) -> EpisodeBatch:
+        """Gather episodes by indexing the bank, then put support and query in their drawn random orders."""
+        classes, drawings = draw.classes.to(self.device), draw.drawings.to(self.device)
+        t, n, _ = drawings.shape
+        k, q = spec.shot, spec.query
         images = self.bank[classes.unsqueeze(-1), drawings]  # [T, N, K+Q, 28, 28] uint8
         images = images.unsqueeze(3).to(torch.float32).div_(255.0)  # [T, N, K+Q, 1, 28, 28]
-        k, q = spec.shot, spec.query
         labels = torch.arange(n, device=self.device)
+        support_x = images[:, :, :k].reshape(t, n * k, 1, *images.shape[-2:])
+        query_x = images[:, :, k:].reshape(t, n * q, 1, *images.shape[-2:])
+        support_y = labels.repeat_interleave(k).expand(t, n * k)
+        query_y = labels.repeat_interleave(q).expand(t, n * q)
+        # Shuffle positions so that a learner cannot read labels off the order of the images.
+        s_order, q_order = draw.support_order.to(self.device), draw.query_order.to(self.device)
         return EpisodeBatch(
-            support_x=images[:, :, :k].reshape(t, n * k, 1, *images.shape[-2:]),
-            support_y=labels.repeat_interleave(k).expand(t, n * k).contiguous(),
-            query_x=images[:, :, k:].reshape(t, n * q, 1, *images.shape[-2:]),
-            query_y=labels.repeat_interleave(q).expand(t, n * q).contiguous(),
+            support_x=_take(support_x, s_order), support_y=support_y.gather(1, s_order),
+            query_x=_take(query_x, q_order), query_y=query_y.gather(1, q_order),
             way=n, shot=k, query=q,
         )
 
 
-def draw_episodes(
-    num_tasks: int, num_classes: int, spec: EpisodeSpec, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random classes and drawings for ``num_tasks`` episodes, on the generator's device.
+def _take(images: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """images [T, M, 1, H, W] reordered along M by order [T, M]."""
+    return images[torch.arange(images.shape[0], device=images.device).unsqueeze(1), order]
+
+
+@dataclass(frozen=True)
+class EpisodeDraw:
+    """The random choices behind T episodes (all int64, on the generator's device).
+
+    Attributes:
+        classes: [T, N] class ids; label n of episode t is class ``classes[t, n]``.
+        drawings: [T, N, K+Q] drawing indices per class; the first K are support, the rest query.
+        support_order: [T, N*K] a permutation of the support positions (label-grouped -> shuffled).
+        query_order: [T, N*Q] a permutation of the query positions.
+    """
+
+    classes: torch.Tensor
+    drawings: torch.Tensor
+    support_order: torch.Tensor
+    query_order: torch.Tensor
+
+    def slice(self, start: int, stop: int) -> EpisodeDraw:
+        return EpisodeDraw(self.classes[start:stop], self.drawings[start:stop], self.support_order[start:stop],
+                           self.query_order[start:stop])
+
+
+def draw_episodes(num_tasks: int, num_classes: int, spec: EpisodeSpec, generator: torch.Generator) -> EpisodeDraw:
+    """Random classes, drawings and example orders for ``num_tasks`` episodes, on the generator's device.
 
     Classes are distinct within an episode and come in random order (so labels are assigned at random);
-    support and query drawings are distinct.
-
-    Returns:
-        classes [T, N] and drawings [T, N, K+Q], int64.
+    support and query drawings are distinct; support and query positions are shuffled.
     """
     device = generator.device
     # The N smallest of C uniform keys: a uniformly random ordered N-subset, in one batched kernel.
@@ -211,7 +231,9 @@ def draw_episodes(
     classes = keys.topk(spec.way, dim=1, largest=False, sorted=True).indices
     draw_keys = torch.rand(num_tasks, spec.way, DRAWINGS, generator=generator, device=device)
     drawings = draw_keys.topk(spec.shot + spec.query, dim=2, largest=False, sorted=True).indices
-    return classes, drawings
+    support_order = torch.rand(num_tasks, spec.way * spec.shot, generator=generator, device=device).argsort(dim=1)
+    query_order = torch.rand(num_tasks, spec.way * spec.query, generator=generator, device=device).argsort(dim=1)
+    return EpisodeDraw(classes, drawings, support_order, query_order)
 
 
 class EpisodeSampler:
@@ -227,8 +249,7 @@ class EpisodeSampler:
 
     def sample(self, num_tasks: int) -> EpisodeBatch:
         """A batch of ``num_tasks`` fresh episodes: [T, N*K, 1, 28, 28] support, [T, N*Q, ...] query."""
-        classes, drawings = draw_episodes(num_tasks, self.pool.num_classes, self.spec, self.generator)
-        return self.pool.episodes(classes, drawings, self.spec)
+        return self.pool.episodes(draw_episodes(num_tasks, self.pool.num_classes, self.spec, self.generator), self.spec)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}
@@ -265,15 +286,23 @@ class Manifest:
     """A fixed, hashed list of episodes: the same for every learner that is scored on it.
 
     Attributes:
-        classes: [E, N] int64 class ids of the pool (label n of episode e is classes[e, n]).
-        drawings: [E, N, K+Q] int64 drawing indices (first K support).
         header: protocol, split, split hash, rotations, way, shot, query, seed, episodes.
+        draw: the episodes' classes, drawings and example orders (see EpisodeDraw), on the CPU.
     """
 
     header: dict
-    classes: torch.Tensor
-    drawings: torch.Tensor
+    draw: EpisodeDraw
     hash: str = field(default="")
+
+    @property
+    def classes(self) -> torch.Tensor:
+        """[E, N] class ids of the pool."""
+        return self.draw.classes
+
+    @property
+    def drawings(self) -> torch.Tensor:
+        """[E, N, K+Q] drawing indices."""
+        return self.draw.drawings
 
     @property
     def spec(self) -> EpisodeSpec:
@@ -293,25 +322,29 @@ class Manifest:
         g = torch.Generator(device="cpu")
         g.manual_seed(derive_seed(p.name, p.split_hash, pool.split, spec.way, spec.shot, spec.query, seed,
                                   "manifest"))
-        classes, drawings = draw_episodes(episodes, pool.num_classes, spec, g)
+        draw = draw_episodes(episodes, pool.num_classes, spec, g)
         header = {
             "protocol": p.name, "split": pool.split, "split_hash": p.split_hash, "rotations": list(p.rotations),
             "way": spec.way, "shot": spec.shot, "query": spec.query, "seed": seed, "episodes": episodes,
         }
-        return Manifest._with_hash(header, classes, drawings)
+        return Manifest._with_hash(header, draw)
 
     @staticmethod
-    def _with_hash(header: dict, classes: torch.Tensor, drawings: torch.Tensor) -> Manifest:
-        body = json.dumps({"header": header, "classes": classes.tolist(), "drawings": drawings.tolist()},
-                          sort_keys=True, separators=(",", ":"))
-        return Manifest(header, classes, drawings, hashlib.sha256(body.encode()).hexdigest())
+    def _body(header: dict, draw: EpisodeDraw) -> dict:
+        return {"header": header, "classes": draw.classes.tolist(), "drawings": draw.drawings.tolist(),
+                "support_order": draw.support_order.tolist(), "query_order": draw.query_order.tolist()}
+
+    @staticmethod
+    def _with_hash(header: dict, draw: EpisodeDraw) -> Manifest:
+        body = json.dumps(Manifest._body(header, draw), sort_keys=True, separators=(",", ":"))
+        return Manifest(header, draw, hashlib.sha256(body.encode()).hexdigest())
 
     def batches(self, pool: ClassPool, batch_size: int) -> Iterator[tuple[int, EpisodeBatch]]:
         """Yield (index of the first episode, EpisodeBatch of up to ``batch_size`` episodes) on the pool's device."""
         self.check_pool(pool)
         for start in range(0, self.num_episodes, batch_size):
             stop = min(start + batch_size, self.num_episodes)
-            yield start, pool.episodes(self.classes[start:stop], self.drawings[start:stop], self.spec)
+            yield start, pool.episodes(self.draw.slice(start, stop), self.spec)
 
     def check_pool(self, pool: ClassPool) -> None:
         h = self.header
@@ -321,9 +354,9 @@ class Manifest:
             )
 
     def to_json(self, pool: ClassPool | None = None) -> dict:
-        """A portable form: per episode, each class as (character, rotation) plus its drawings."""
-        out = {"hash": self.hash, "header": self.header, "classes": self.classes.tolist(),
-               "drawings": self.drawings.tolist()}
+        """A portable form: per episode its classes, drawings and example orders (with ``pool``, also each
+        class as (character, rotation))."""
+        out = {"hash": self.hash, **self._body(self.header, self.draw)}
         if pool is not None:
             out["class_names"] = [
                 [list(pool.describe_class(int(c))) for c in row] for row in self.classes.tolist()
@@ -332,7 +365,8 @@ class Manifest:
 
     @staticmethod
     def from_json(obj: dict) -> Manifest:
-        m = Manifest._with_hash(obj["header"], torch.tensor(obj["classes"]), torch.tensor(obj["drawings"]))
+        keys = ("classes", "drawings", "support_order", "query_order")
+        m = Manifest._with_hash(obj["header"], EpisodeDraw(*(torch.tensor(obj[k]) for k in keys)))
         if obj.get("hash") and obj["hash"] != m.hash:
             raise ProtocolError(f"manifest content hash {m.hash[:12]}… does not match its recorded {obj['hash'][:12]}…")
         return m

@@ -80,13 +80,24 @@ def git_commit() -> str | None:
         return None
 
 
+def cpu_name() -> str:
+    """The CPU model ("model name" in /proc/cpuinfo on Linux), else the platform's machine type."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device) -> dict[str, Any]:
     """Versions and hardware that every result row records."""
     import torch
 
     from benchmark import __version__
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     return {
         "metabench_version": __version__,
         "torch_version": torch.__version__,

@@ -12,6 +12,8 @@ import dataclasses
 import hashlib
 import json
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +87,9 @@ class TrainState:
     log: list[dict[str, Any]] = field(default_factory=list)
     train_seconds: float = 0.0
     last_val: float | None = None
+    #: Metrics accumulated since the last log row (kept across a Ctrl-C so the log matches an unbroken run).
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    window: int = 0
 
 
 def resolve_device(name: str) -> torch.device:
@@ -94,7 +99,9 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise BenchError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise BenchError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise BenchError(f"--device {name} asked for a CUDA GPU, but torch sees none; use --device cpu (or auto)")
@@ -173,13 +180,13 @@ class Runner:
     def prepare(self, force: bool) -> str:
         """Create or inspect the run directory: returns "new", "resume" or "done"."""
         config_path = self.dir / R.CONFIG
-        if force and self.dir.exists():
+        if force and config_path.is_file():  # only ever delete what is recognizably a run directory
             shutil.rmtree(self.dir)
         if config_path.is_file():
             recorded = R.read_json(config_path).get("run", {})
-            if recorded != self.spec.identity():
-                diff = sorted(k for k in set(recorded) | set(self.spec.identity())
-                              if recorded.get(k) != self.spec.identity().get(k))
+            identity = json.loads(json.dumps(self.spec.identity()))  # tuples -> lists, as recorded
+            if recorded != identity:
+                diff = sorted(k for k in set(recorded) | set(identity) if recorded.get(k) != identity.get(k))
                 raise BenchError(
                     f"{self.dir} holds a run with a different config (differs in: {', '.join(diff)}); "
                     "use another --out or --name, or --force to replace it"
@@ -221,9 +228,16 @@ class Runner:
         train = TrainState()
         if state == "resume" and (self.dir / R.CHECKPOINT).is_file():
             ckpt = torch.load(self.dir / R.CHECKPOINT, map_location=self.device, weights_only=True)
+            if ckpt.get("device_type", self.device.type) != self.device.type:
+                raise BenchError(
+                    f"{self.dir} was started on {ckpt['device_type']} and cannot resume on {self.device.type} "
+                    f"(its episode stream is device-specific); pass --device {ckpt['device_type']}, or --force to restart"
+                )
             learner.load_state_dict(ckpt["learner"])
+            pending = ckpt.get("pending", {})
             sampler.load_state_dict({"generator": ckpt["sampler"]["generator"].cpu()})
-            train = TrainState(ckpt["iteration"], ckpt["log"], ckpt["train_seconds"], ckpt.get("last_val"))
+            train = TrainState(ckpt["iteration"], ckpt["log"], ckpt["train_seconds"], ckpt.get("last_val"),
+                               pending.get("sums", {}), pending.get("window", 0))
         else:
             self.dir.mkdir(parents=True, exist_ok=True)
             R.atomic_write_json(self.dir / R.CONFIG, self._config_record(learner, test_manifest))
@@ -231,13 +245,13 @@ class Runner:
         resumed_from = train.iteration
         self.progress({"event": "start", "iteration": train.iteration, "total": spec.iterations, "dir": self.dir})
 
-        try:
-            self._train(learner, sampler, val_manifest, train)
-        except KeyboardInterrupt:
+        with _StopAtIterationBoundary() as stop:
+            self._train(learner, sampler, val_manifest, train, stop)
+        if stop.requested:
             self._checkpoint(learner, sampler, train)
             raise BenchError(
                 f"interrupted at iteration {train.iteration}; run the same command again to resume from it"
-            ) from None
+            )
 
         t0 = time.perf_counter()
         accuracies = evaluate(learner, test_manifest, self.pools.test)
@@ -249,38 +263,43 @@ class Runner:
         self.progress({"event": "done", "summary": summary})
         return RunOutcome(self.dir, summary, resumed_from=resumed_from)
 
-    def _train(self, learner: Learner, sampler: Any, val_manifest: Manifest, train: TrainState) -> None:
+    def _train(self, learner: Learner, sampler: Any, val_manifest: Manifest, train: TrainState,
+               stop: _StopAtIterationBoundary) -> None:
         spec, batch_size = self.spec, learner.train_batch_size
-        sums: dict[str, torch.Tensor] = {}
-        window, window_start = 0, time.perf_counter()
+        window_start = time.perf_counter()
         while train.iteration < spec.iterations:
+            if stop.requested:
+                train.train_seconds += time.perf_counter() - window_start
+                return
             batch = sampler.sample() if learner.train_data == "minibatches" else sampler.sample(batch_size)
             metrics = learner.meta_train_step(batch)
-            for k, v in metrics.items():
-                v = torch.as_tensor(v, device=self.device)
-                sums[k] = sums[k] + v.detach() if k in sums else v.detach().clone()
+            for k, v in metrics.items():  # accumulate on the device: no synchronization here
+                v = torch.as_tensor(v, device=self.device).detach()
+                train.sums[k] = train.sums[k] + v if k in train.sums else v.clone()
             train.iteration += 1
-            window += 1
+            train.window += 1
             it = train.iteration
             at_end = it == spec.iterations
             if it % self.log_every == 0 or at_end or it % spec.val_every == 0 or it % self.checkpoint_every == 0:
-                row = {"iteration": it, **_read_metrics(sums, window)}  # synchronizes the device
+                row = {"iteration": it, **_read_metrics(train.sums, train.window)}  # synchronizes the device
                 now = time.perf_counter()
                 train.train_seconds += now - window_start
-                row["seconds_per_iteration"] = (now - window_start) / window
+                row["seconds_per_iteration"] = (now - window_start) / train.window
+                train.sums, train.window = {}, 0
                 if it % spec.val_every == 0 or at_end:
                     row["val_accuracy"] = train.last_val = float(evaluate(learner, val_manifest, self.pools.val).mean())
                 train.log.append(row)
                 self.progress({"event": "log", "row": row, "total": spec.iterations, "last_val": train.last_val})
                 if it % self.checkpoint_every == 0 or at_end:
                     self._checkpoint(learner, sampler, train)
-                sums, window, window_start = {}, 0, time.perf_counter()
+                window_start = time.perf_counter()
 
     def _checkpoint(self, learner: Learner, sampler: Any, train: TrainState) -> None:
         """Checkpoint and log together: the log is rewritten from the rows the checkpoint holds."""
         R.atomic_torch_save(self.dir / R.CHECKPOINT, {
             "iteration": train.iteration, "learner": learner.state_dict(), "sampler": sampler.state_dict(),
             "log": train.log, "train_seconds": train.train_seconds, "last_val": train.last_val,
+            "pending": {"sums": train.sums, "window": train.window}, "device_type": self.device.type,
         })
         keys = ["iteration"] + sorted({k for row in train.log for k in row} - {"iteration"})
         R.atomic_write_csv(self.dir / R.TRAIN_LOG, keys, ([row.get(k, "") for k in keys] for row in train.log))
@@ -305,6 +324,29 @@ class Runner:
             "final_val_accuracy": train.last_val,
             "device_name": R.environment(self.device)["device_name"],
         }
+
+
+class _StopAtIterationBoundary:
+    """Turn the first Ctrl-C into a request that training honours between iterations, so the checkpoint
+    is always of a whole iteration; a second Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> _StopAtIterationBoundary:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 def load_pools(data, protocol: Protocol, device: torch.device) -> Pools:

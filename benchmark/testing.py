@@ -135,7 +135,7 @@ def check_learner(
         learner_cls: the learner class.
         way, shot, query: episode shape (keep it small: the data is fake).
         device: where batches are put and the learner runs.
-        steps: meta-train steps before predicting.
+        steps: meta-train steps before predicting (at least 2: the resume check restores after the first).
         config: the config to build with (default: ``learner_cls.default_config(way, shot)``).
         tasks: episodes per training batch and in the prediction batch (regardless of the config's meta
             batch size, to stay fast); minibatch learners get ``4 * way`` images per step.
@@ -151,6 +151,7 @@ def check_learner(
         f"{learner_cls.__qualname__}.default_config returned {type(config).__qualname__}, expected an instance of "
         f"{learner_cls.__qualname__}.Config"
     )
+    assert steps >= 2, "check_learner needs steps >= 2 to check resuming after the first step"
     device = torch.device(device)
     exact = device.type == "cpu"  # GPU kernels may reorder float sums between runs; CPU ones must not
     context = RunContext(way, shot, query, device, seed=seed, num_train_classes=num_train_classes)
@@ -185,6 +186,21 @@ def check_learner(
         logits, fresh.predict(*inputs), exact,
         "a fresh learner that loaded state_dict() predicts different logits; state_dict must hold everything "
         "predict depends on",
+    )
+
+    # Resume: a learner restored after the first step must continue exactly like the one that never stopped
+    # (this catches optimizer or RNG state missing from state_dict).
+    first, _ = _train(learner_cls, config, context, train_batches[:1])
+    resumed = learner_cls(config, context)
+    resumed.load_state_dict(_round_trip(first.state_dict()))
+    for step, batch in enumerate(train_batches[1:], start=1):
+        got = {k: _scalar(k, v, step) for k, v in resumed.meta_train_step(batch).items()}
+        _assert_close(got, metrics[step], exact,
+                      f"a learner restored from state_dict() after step 1 gives different step-{step + 1} metrics")
+    _assert_close(
+        logits, resumed.predict(*inputs), exact,
+        "a learner restored from state_dict() after step 1 and trained on predicts different logits "
+        "than one trained without interruption; state_dict must hold all training state (e.g. optimizer moments)",
     )
     return {"metrics": metrics, "logits_shape": tuple(logits.shape)}
 

@@ -66,7 +66,7 @@ def test_comparison_puts_ours_beside_published_and_the_rest_pending(tmp_path):
     rows = {(r["learner"], r["cell"]): r for r in result["rows"]}
     ours = rows[("maml", "20-way 1-shot")]
     assert ours["published"] == "95.8 ± 0.3" and ours["ours"].startswith("96.00 ± ")
-    assert ours["mark"] == "within" and ours["train time"] == "12.0 min" and ours["device"] == "NVIDIA H200"
+    assert ours["mark"] == "within" and ours["wall time"] == "12.0 min" and ours["device"] == "NVIDIA H200"
     assert rows[("fomaml", "20-way 1-shot")]["ours"] == "pending"
     assert rows[("maml", "5-way 1-shot")]["mark"] == "pending"
     assert "600 test episodes" in result["caption"] and "Finn" in result["caption"]

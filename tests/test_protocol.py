@@ -44,8 +44,11 @@ def test_way_larger_than_the_split_and_unknown_protocol():
 def test_draw_episodes_distinct_classes_and_drawings():
     spec = EpisodeSpec(20, 5, 15)
     g = torch.Generator().manual_seed(0)
-    classes, drawings = draw_episodes(200, 30, spec, g)
+    draw = draw_episodes(200, 30, spec, g)
+    classes, drawings = draw.classes, draw.drawings
     assert classes.shape == (200, 20) and drawings.shape == (200, 20, 20)
+    assert torch.equal(draw.query_order.sort(dim=1).values, torch.arange(300).expand(200, 300))
+    assert torch.equal(draw.support_order.sort(dim=1).values, torch.arange(100).expand(200, 100))
     assert all(len(set(row)) == 20 for row in classes.tolist())
     assert all(sorted(d) == list(range(20)) for d in drawings.reshape(-1, 20).tolist())
     # Classes come in random order (labels are assigned at random), not sorted by id.
@@ -107,9 +110,14 @@ def test_episodes_shapes_labels_and_disjoint_support_query(omniglot):
     # Support and query drawings of a class never coincide (up to the one duplicated Braille drawing pair).
     for t in range(4):
         for n in range(20):
-            s = batch.support_x[t, n]
-            q = batch.query_x[t, n * 15 : (n + 1) * 15]
-            assert not any(torch.equal(s, qi) for qi in q)
+            s = batch.support_x[t][batch.support_y[t] == n]
+            q = batch.query_x[t][batch.query_y[t] == n]
+            assert len(s) == 1 and len(q) == 15
+            assert not any(torch.equal(s[0], qi) for qi in q)
+    # Positions say nothing about labels: guessing "label = position // Q" scores about chance.
+    guess = torch.arange(20).repeat_interleave(15)
+    assert (batch.query_y == guess).float().mean() < 0.15
+    assert not torch.equal(batch.support_y[0], torch.arange(20))
 
 
 @pytest.mark.realdata

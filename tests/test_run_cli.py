@@ -83,9 +83,13 @@ def test_finished_run_is_skipped_unless_forced(tmp_path, omniglot_dir, capsys):
     capsys.readouterr()
     assert bench_run(tmp_path, omniglot_dir, "fomaml") == 0
     assert "already finished" in capsys.readouterr().out
+    summary = only_run_dir(tmp_path) / "summary.json"
+    summary.write_text(before.replace('"complete"', '"complete" '))  # mark the file: --force must rewrite it
     assert bench_run(tmp_path, omniglot_dir, "fomaml", "--force") == 0
     assert "done" in capsys.readouterr().out
-    assert json.loads(before)["n"] == 6
+    after = json.loads(summary.read_text())
+    assert summary.read_text() != before.replace('"complete"', '"complete" ')  # rewritten
+    assert after["accuracy_mean"] == json.loads(before)["accuracy_mean"]  # and the same result again
 
 
 def test_same_directory_with_another_config_is_refused(tmp_path, omniglot_dir, capsys):
@@ -144,6 +148,34 @@ def test_ctrl_c_checkpoints_and_says_how_to_resume(tmp_path, omniglot_dir):
     assert not list(tmp_path.glob("*/summary.json"))
 
 
+def test_ctrl_c_mid_window_then_resume_equals_an_unbroken_run(tmp_path, omniglot_dir):
+    """Ctrl-C between log rows: the checkpoint keeps the partial metric window, so the log and the
+    episodes of the resumed run equal an uninterrupted run's."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    extra = ["--log-every", "7", "--checkpoint-every", "1000", "--val-every", "1000"]
+    command = _command(tmp_path / "stopped", omniglot_dir, 200) + extra
+    reference = subprocess.run(_command(tmp_path / "ref", omniglot_dir, 200) + extra, env=env,
+                               capture_output=True, text=True)
+    assert reference.returncode == 0, reference.stderr
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((tmp_path / "stopped").glob("*/config.json")):
+        time.sleep(0.01)
+    time.sleep(1.0)  # into training, well before its end (no checkpoint before iteration 200)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the interrupt arrived")
+    assert proc.returncode == 2, err
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0 and "resumed from iteration" in resumed.stdout, resumed.stderr
+    run, ref_run = only_run_dir(tmp_path / "stopped"), only_run_dir(tmp_path / "ref")
+    assert (run / "episodes.csv").read_text() == (ref_run / "episodes.csv").read_text()
+    columns = ["iteration", "loss", "accuracy", "val_accuracy"]
+    pd.testing.assert_frame_equal(pd.read_csv(run / "train_log.csv")[columns],
+                                  pd.read_csv(ref_run / "train_log.csv")[columns])
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -156,6 +188,9 @@ def test_ctrl_c_checkpoints_and_says_how_to_resume(tmp_path, omniglot_dir):
         (["--learner", "fomaml", "-o", "nope=1"], "nope"),
         (["--learner", "fomaml", "--protocol", "omni"], "unknown protocol"),
         (["--learner", "fomaml", "--episodes", "0"], "at least 1"),
+        (["--learner", "fomaml", "-o", "meta_batch_size=0"], "meta_batch_size=0 must be at least 1"),
+        (["--learner", "fomaml", "--name", ".."], "must be one folder name"),
+        (["--learner", "fomaml", "--device", "meta"], "unsupported device"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(args, message, tmp_path, omniglot_dir, capsys):

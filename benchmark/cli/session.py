@@ -7,6 +7,7 @@ file is written, so a bad command leaves nothing under --out.
 from __future__ import annotations
 
 import dataclasses
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -62,10 +63,20 @@ def plan_runs(learner_name: str, way: int, shot: int, options: dict[str, Any]):
     for split in ("train", "val", "test"):
         episode_spec.validate(getattr(pools, split).num_classes, split)
 
+    # Build the learner once now: its constructor validates the config (e.g. -o meta_batch_size=0) before
+    # anything exists under --out.
+    from benchmark.runner import build_learner
+
+    build_learner(learner_cls, config, RunSpec(learner_name, {}, way, shot, settings["query"], 0, 1, 0, 0,
+                                               protocol.name), device, pools)
+
     out: Path = options["out"]
     seeds = options.get("seeds") or (0,)
-    if options.get("name") and len(seeds) > 1:
+    name = options.get("name")
+    if name and len(seeds) > 1:
         raise BenchError("--name names one run directory; drop it to run several --seed values")
+    if name and (name in (".", "..") or not re.fullmatch(r"[A-Za-z0-9._+=-]+", name)):
+        raise BenchError(f"--name {name!r} must be one folder name (letters, digits, . _ + = -), not a path")
     runs = []
     for seed in seeds:
         spec = RunSpec(
