@@ -46,6 +46,8 @@ class StepTiming:
     label: str
     times_ms: list[float]
     peak_memory_mb: float
+    sampling_ms: list[float]
+    batch_size: int
 
     @property
     def median_ms(self) -> float:
@@ -59,6 +61,12 @@ class StepTiming:
             "iterations_per_s": round(1000.0 / self.median_ms, 3),
             "timed_iterations": len(self.times_ms),
             "peak_memory_mb": round(self.peak_memory_mb, 1),
+            # Drawing the meta-batch on the device, included in median_ms (as in a run).
+            "sampling_ms": round(statistics.median(self.sampling_ms), 3),
+            "sampling_share": round(statistics.median(self.sampling_ms) / self.median_ms, 4),
+            "batch_size": self.batch_size,
+            # Episodes (or images, for minibatch learners) the sampler draws per second.
+            "sampled_per_s": round(1000 * self.batch_size / max(statistics.median(self.sampling_ms), 1e-6), 1),
         }
 
 
@@ -76,13 +84,17 @@ def time_training(learner: Learner, pool, spec: EpisodeSpec, iterations: int, wa
     for _ in range(warmup):
         learner.meta_train_step(draw())
     synchronize(device)
-    times = []
+    times, sampling = [], []
     for _ in range(iterations):
         start = time.perf_counter()
-        learner.meta_train_step(draw())
+        batch = draw()
+        synchronize(device)
+        sampled = time.perf_counter()
+        learner.meta_train_step(batch)
         synchronize(device)
         times.append(1000 * (time.perf_counter() - start))
-    return StepTiming(label, times, peak_memory_mb(device))
+        sampling.append(1000 * (sampled - start))
+    return StepTiming(label, times, peak_memory_mb(device), sampling, learner.train_batch_size)
 
 
 def time_evaluation(learner: Learner, pool, spec: EpisodeSpec, episodes: int) -> dict[str, Any]:

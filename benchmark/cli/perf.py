@@ -89,6 +89,9 @@ def perf(learner_name, way, shot, query, device, iterations, warmup, reference_i
     for t in report["training"]:
         table.add_row(t["variant"], f"{t['median_ms']:.1f}", f"{t['iterations_per_s']:.2f}", f"{t['peak_memory_mb']:.0f}")
     console.print(table)
+    shipped_t = report["training"][0]
+    console.print(f"sampling a meta-batch of {shipped_t['batch_size']}: {shipped_t['sampling_ms']:.2f} ms "
+                  f"({100 * shipped_t['sampling_share']:.1f}% of a meta-iteration)", markup=False)
     if "speedup" in report:
         console.print(f"shipped is {report['speedup']:.2f}x the per-task loop", markup=False)
     if "evaluation" in report:
