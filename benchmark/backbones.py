@@ -140,3 +140,25 @@ def conv4_forward(params: Params, x: torch.Tensor) -> torch.Tensor:
         [B, N]
     """
     return linear_head(params, conv4_features(params, x))
+
+
+def training_state(params: Params, optimizer: torch.optim.Optimizer) -> dict:
+    """``{"params": {name: tensor}, "optimizer": optimizer state}`` as independent copies: a learner's
+    ``state_dict`` for a parameter dict trained by one optimizer (loadable with ``weights_only=True``)."""
+    opt = optimizer.state_dict()
+    return {
+        "params": {k: v.detach().clone() for k, v in params.items()},
+        "optimizer": {
+            "state": {i: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+                      for i, s in opt["state"].items()},
+            "param_groups": [dict(g) for g in opt["param_groups"]],
+        },
+    }
+
+
+def load_training_state(params: Params, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Copy a ``training_state`` back into ``params`` (in place) and ``optimizer``."""
+    with torch.no_grad():
+        for k, v in params.items():
+            v.copy_(state["params"][k])
+    optimizer.load_state_dict(state["optimizer"])

@@ -31,7 +31,8 @@ def reset_peak_memory(device: torch.device) -> None:
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """CUDA: peak allocated by this variant. CPU: the process's peak resident set so far (a high-water mark)."""
+    """CUDA: peak allocated since the last reset (one step of one variant). CPU: the process's peak resident
+    set so far, a high-water mark shared by all variants."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     import resource
@@ -70,31 +71,51 @@ class StepTiming:
         }
 
 
-def time_training(learner: Learner, pool, spec: EpisodeSpec, iterations: int, warmup: int, seed: int,
-                  label: str) -> StepTiming:
-    """Time ``iterations`` meta-training steps after ``warmup`` untimed ones. Sampling is included, as in a run."""
+def time_training(variants: list[tuple[str, Learner]], pool, spec: EpisodeSpec, iterations: list[int], warmup: int,
+                  seed: int) -> list[StepTiming]:
+    """Time meta-training steps of several learner variants, interleaved step by step.
+
+    Interleaving (A, B, A, B, ...) exposes every variant to the same machine conditions (clock changes,
+    other processes), so the ratio of their medians is fair. Each variant draws its own episodes from an
+    identically seeded sampler; sampling is included in the step time, as in a run, and reported apart.
+
+    Args:
+        variants: (label, learner) pairs, e.g. the shipped learner and its per-task-loop reference.
+        iterations: timed steps per variant (a slow reference may take fewer).
+    """
     device = pool.device
-    if learner.train_data == "minibatches":
-        sampler: Any = MinibatchSampler(pool, learner.train_batch_size, seed)
-        draw = sampler.sample
-    else:
-        sampler = EpisodeSampler(pool, spec, seed)
-        draw = lambda: sampler.sample(learner.train_batch_size)  # noqa: E731
-    reset_peak_memory(device)
-    for _ in range(warmup):
-        learner.meta_train_step(draw())
+    draws = []
+    for _, learner in variants:
+        if learner.train_data == "minibatches":
+            sampler: Any = MinibatchSampler(pool, learner.train_batch_size, seed)
+            draws.append(sampler.sample)
+        else:
+            sampler = EpisodeSampler(pool, spec, seed)
+            draws.append(lambda s=sampler, n=learner.train_batch_size: s.sample(n))
+    for (_, learner), draw in zip(variants, draws):
+        for _ in range(warmup):
+            learner.meta_train_step(draw())
     synchronize(device)
-    times, sampling = [], []
-    for _ in range(iterations):
-        start = time.perf_counter()
-        batch = draw()
-        synchronize(device)
-        sampled = time.perf_counter()
-        learner.meta_train_step(batch)
-        synchronize(device)
-        times.append(1000 * (time.perf_counter() - start))
-        sampling.append(1000 * (sampled - start))
-    return StepTiming(label, times, peak_memory_mb(device), sampling, learner.train_batch_size)
+    times: list[list[float]] = [[] for _ in variants]
+    sampling: list[list[float]] = [[] for _ in variants]
+    peaks = [0.0 for _ in variants]
+    for step in range(max(iterations)):
+        for i, ((_, learner), draw) in enumerate(zip(variants, draws)):
+            if step >= iterations[i]:
+                continue
+            if device.type == "cuda":  # per-variant peaks; no empty_cache here, it would slow the next step
+                torch.cuda.reset_peak_memory_stats(device)
+            start = time.perf_counter()
+            batch = draw()
+            synchronize(device)
+            sampled = time.perf_counter()
+            learner.meta_train_step(batch)
+            synchronize(device)
+            times[i].append(1000 * (time.perf_counter() - start))
+            sampling[i].append(1000 * (sampled - start))
+            peaks[i] = max(peaks[i], peak_memory_mb(device))
+    return [StepTiming(label, t, peak, s, learner.train_batch_size)
+            for (label, learner), t, s, peak in zip(variants, times, sampling, peaks)]
 
 
 def time_evaluation(learner: Learner, pool, spec: EpisodeSpec, episodes: int) -> dict[str, Any]:

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch.func import vmap
 
 from benchmark import hookimpl
-from benchmark.backbones import Params, conv4_features, init_conv4
+from benchmark.backbones import Params, conv4_features, init_conv4, load_training_state, training_state
 from benchmark.episodes import LabeledBatch
 from benchmark.errors import ConfigError, ProtocolError
 from benchmark.learner import Learner, RunContext
@@ -209,21 +209,10 @@ class Finetune(Learner):
 
     def state_dict(self) -> dict[str, Any]:
         """``{"params": {name: tensor}, "optimizer": Adam state}`` as independent copies."""
-        opt = self.optimizer.state_dict()
-        return {
-            "params": {k: v.detach().clone() for k, v in self.params.items()},
-            "optimizer": {
-                "state": {i: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
-                          for i, s in opt["state"].items()},
-                "param_groups": [dict(g) for g in opt["param_groups"]],
-            },
-        }
+        return training_state(self.params, self.optimizer)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        with torch.no_grad():
-            for k, v in self.params.items():
-                v.copy_(state["params"][k])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_training_state(self.params, self.optimizer, state)
 
 
 def _validate(config: FinetuneConfig) -> None:

@@ -35,7 +35,9 @@ import torch.nn.functional as F
 from torch.func import grad, grad_and_value, vmap
 
 from benchmark import hookimpl
-from benchmark.backbones import BN_EPS, DEPTH, Params, conv4_forward, init_conv4
+from benchmark.backbones import (
+    BN_EPS, DEPTH, Params, conv4_forward, init_conv4, load_training_state, training_state,
+)
 from benchmark.episodes import EpisodeBatch
 from benchmark.errors import ConfigError
 from benchmark.learner import Learner, RunContext
@@ -277,21 +279,10 @@ class MAML(Learner):
 
     def state_dict(self) -> dict[str, Any]:
         """``{"params": {name: tensor}, "optimizer": Adam state}`` as independent copies."""
-        opt = self.optimizer.state_dict()
-        return {
-            "params": {k: v.detach().clone() for k, v in self.params.items()},
-            "optimizer": {
-                "state": {i: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
-                          for i, s in opt["state"].items()},
-                "param_groups": [dict(g) for g in opt["param_groups"]],
-            },
-        }
+        return training_state(self.params, self.optimizer)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        with torch.no_grad():
-            for k, v in self.params.items():
-                v.copy_(state["params"][k])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_training_state(self.params, self.optimizer, state)
 
 
 class FOMAML(MAML):

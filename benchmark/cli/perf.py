@@ -16,7 +16,7 @@ from benchmark.cli.data import data_dir_option
 @click.option("--device", type=str, default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--iterations", type=int, default=20, show_default=True, help="Timed meta-iterations per variant.")
 @click.option("--warmup", type=int, default=3, show_default=True, help="Untimed meta-iterations first.")
-@click.option("--reference-iterations", type=int, default=None, help="Timed iterations of the slow reference (default: --iterations).")
+@click.option("--reference-iterations", type=int, default=None, help="Timed iterations of the slow reference (default: --iterations); steps are interleaved with the shipped learner's.")
 @click.option("--no-reference", is_flag=True, help="Skip the per-task-loop reference.")
 @click.option("--eval-episodes", type=int, default=600, show_default=True, help="Test episodes to time evaluation on (0: skip).")
 @data_dir_option
@@ -66,12 +66,14 @@ def perf(learner_name, way, shot, query, device, iterations, warmup, reference_i
         "describe": shipped.describe(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **environment(dev),
     }
-    timings = [time_training(shipped, train_pool, spec, iterations, warmup, seed=0, label="shipped")]
+    variants = [("shipped", shipped)]
+    counts = [iterations]
     ref_config = None if no_reference else learner_cls.reference_config(config)
     if ref_config is not None:
-        reference = learner_cls(ref_config, context)
-        timings.append(time_training(reference, train_pool, spec, reference_iterations or iterations,
-                                     min(warmup, 1), seed=0, label="per-task loop"))
+        variants.append(("per-task loop", learner_cls(ref_config, context)))
+        counts.append(reference_iterations or iterations)
+    timings = time_training(variants, train_pool, spec, counts, warmup, seed=0)
+    if len(timings) > 1:
         report["speedup"] = round(timings[1].median_ms / timings[0].median_ms, 2)
     report["training"] = [t.as_dict() for t in timings]
     if eval_episodes > 0:
