@@ -125,8 +125,10 @@ def test_defaults_follow_the_paper():
         "order": "first", "inner_steps_train": 1, "inner_steps_test": 10, "inner_lr": 0.4,
         "batchnorm": "transductive", "meta_batch_size": 32, "tasks": "loop",
     }
-    # vmap is the default on CUDA only; bench perf's reference is always the loop.
+    # vmap by default on CUDA and for small CPU tasks; bench perf's reference is always the loop.
     assert maml.MAML.reference_config(five).vectorize is False and five.vectorize is None
+    small = RunContext(way=5, shot=1, query=1, device=torch.device("cpu"))
+    assert maml.MAML(five, small).describe()["tasks"] == "vmap"
 
 
 def test_predict_leaves_meta_parameters_unchanged(setup64):
