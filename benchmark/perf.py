@@ -75,8 +75,8 @@ def time_training(variants: list[tuple[str, Learner]], pool, spec: EpisodeSpec, 
                   seed: int) -> list[StepTiming]:
     """Time meta-training steps of several learner variants, interleaved step by step.
 
-    Interleaving (A, B, A, B, ...) exposes every variant to the same machine conditions (clock changes,
-    other processes), so the ratio of their medians is fair. Each variant draws its own episodes from an
+    Interleaving (A B, B A, A B, ...) exposes every variant to the same machine conditions (clock changes,
+    other processes, warm caches), so the ratio of their medians is fair. Each variant draws its own episodes from an
     identically seeded sampler; sampling is included in the step time, as in a run, and reported apart.
 
     Args:
@@ -100,7 +100,10 @@ def time_training(variants: list[tuple[str, Learner]], pool, spec: EpisodeSpec, 
     sampling: list[list[float]] = [[] for _ in variants]
     peaks = [0.0 for _ in variants]
     for step in range(max(iterations)):
-        for i, ((_, learner), draw) in enumerate(zip(variants, draws)):
+        # Alternate the order (A B, B A, ...) too: whoever runs second would otherwise always find warm caches.
+        order = range(len(variants)) if step % 2 == 0 else reversed(range(len(variants)))
+        for i in order:
+            (_, learner), draw = variants[i], draws[i]
             if step >= iterations[i]:
                 continue
             if device.type == "cuda":  # per-variant peaks; no empty_cache here, it would slow the next step

@@ -203,7 +203,7 @@ class MAMLConfig:
     eval_batch_size: int = field(default=25, metadata=_help("test episodes adapted at once in predict"))
     vectorize: bool | None = field(default=None, metadata=_help(
         "true: vmap over tasks; false: the per-task loop; none (default): vmap on CUDA, and on the CPU for tasks "
-        "of at most 40 images (larger ones run faster in the loop)"))
+        "of at most 20 images (larger ones run faster in the loop)"))
 
 
 @dataclass(frozen=True)
@@ -290,10 +290,11 @@ class FOMAML(MAML):
     Config = FOMAMLConfig
 
 
-#: On the CPU, vmap wins while a task is small: measured with `bench perf` on 2 cores (interleaved steps),
-#: vmap/loop time was 0.65 at 5-way 1-shot 1-query (10 images per task), 0.85 at 20-way 1-shot 1-query (40)
-#: and 1.5 at 5-way 1-shot 15-query (80): there the loop's fused native batch norm wins.
-CPU_VMAP_MAX_IMAGES_PER_TASK = 40
+#: On the CPU, vmap wins only while a task is small: `bench perf` on 2 cores (interleaved steps) gave a
+#: vmap/loop time of 0.5-0.65 at 5-way 1-shot 1-query (10 images per task), 0.85-1.15 at 20-way 1-shot
+#: 1-query (40; first order 1.15) and 1.5 at 5-way 1-shot 15-query (80), where the loop's fused native
+#: batch norm wins.
+CPU_VMAP_MAX_IMAGES_PER_TASK = 20
 
 
 def _vmap_is_faster(context: RunContext) -> bool:
