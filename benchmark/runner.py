@@ -86,6 +86,7 @@ class TrainState:
     iteration: int = 0
     log: list[dict[str, Any]] = field(default_factory=list)
     train_seconds: float = 0.0
+    val_seconds: float = 0.0
     last_val: float | None = None
     #: Metrics accumulated since the last log row (kept across a Ctrl-C so the log matches an unbroken run).
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -236,8 +237,8 @@ class Runner:
             learner.load_state_dict(ckpt["learner"])
             pending = ckpt.get("pending", {})
             sampler.load_state_dict({"generator": ckpt["sampler"]["generator"].cpu()})
-            train = TrainState(ckpt["iteration"], ckpt["log"], ckpt["train_seconds"], ckpt.get("last_val"),
-                               pending.get("sums", {}), pending.get("window", 0))
+            train = TrainState(ckpt["iteration"], ckpt["log"], ckpt["train_seconds"], ckpt.get("val_seconds", 0.0),
+                               ckpt.get("last_val"), pending.get("sums", {}), pending.get("window", 0))
         else:
             self.dir.mkdir(parents=True, exist_ok=True)
             R.atomic_write_json(self.dir / R.CONFIG, self._config_record(learner, test_manifest))
@@ -287,7 +288,9 @@ class Runner:
                 row["seconds_per_iteration"] = (now - window_start) / train.window
                 train.sums, train.window = {}, 0
                 if it % spec.val_every == 0 or at_end:
+                    val_start = time.perf_counter()
                     row["val_accuracy"] = train.last_val = float(evaluate(learner, val_manifest, self.pools.val).mean())
+                    train.val_seconds += time.perf_counter() - val_start
                 train.log.append(row)
                 self.progress({"event": "log", "row": row, "total": spec.iterations, "last_val": train.last_val})
                 if it % self.checkpoint_every == 0 or at_end:
@@ -298,7 +301,8 @@ class Runner:
         """Checkpoint and log together: the log is rewritten from the rows the checkpoint holds."""
         R.atomic_torch_save(self.dir / R.CHECKPOINT, {
             "iteration": train.iteration, "learner": learner.state_dict(), "sampler": sampler.state_dict(),
-            "log": train.log, "train_seconds": train.train_seconds, "last_val": train.last_val,
+            "log": train.log, "train_seconds": train.train_seconds, "val_seconds": train.val_seconds,
+            "last_val": train.last_val,
             "pending": {"sums": train.sums, "window": train.window}, "device_type": self.device.type,
         })
         keys = ["iteration"] + sorted({k for row in train.log for k in row} - {"iteration"})
@@ -316,8 +320,10 @@ class Runner:
             "std": std,
             "n": n,
             "manifest_hash": manifest.hash,
-            "wall_time_s": round(train.train_seconds + eval_seconds, 3),
+            # Training, validation and the final evaluation, summed over resumed sessions.
+            "wall_time_s": round(train.train_seconds + train.val_seconds + eval_seconds, 3),
             "train_seconds": round(train.train_seconds, 3),
+            "val_seconds": round(train.val_seconds, 3),
             "eval_seconds": round(eval_seconds, 3),
             "ms_per_iteration": round(1000 * train.train_seconds / iterations, 3) if self.spec.iterations else None,
             "peak_memory_mb": round(_peak_memory_mb(self.device), 1),
