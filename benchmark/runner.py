@@ -242,7 +242,7 @@ class Runner:
         else:
             self.dir.mkdir(parents=True, exist_ok=True)
             R.atomic_write_json(self.dir / R.CONFIG, self._config_record(learner, test_manifest))
-            R.atomic_write_json(self.dir / R.MANIFEST, test_manifest.to_json())
+            R.atomic_write_json(self.dir / R.MANIFEST, test_manifest.to_json(self.pools.test))
         resumed_from = train.iteration
         self.progress({"event": "start", "iteration": train.iteration, "total": spec.iterations, "dir": self.dir})
 

@@ -407,6 +407,12 @@ def build_table(
                 f"{NOT_PAIRED}: not paired: this run and the {reference} run were scored on different test "
                 "episodes (different manifest hashes), so no difference is reported."
             )
+    reduced_rows = sorted(set(runs.loc[runs["reduced"].astype(bool), "row"]))
+    if reduced_rows:
+        footnotes.append(
+            f"Reduced protocol: {', '.join(reduced_rows)} ran fewer meta-iterations than their preset; do not "
+            "compare them with the paper's numbers."
+        )
     fact_missing = any(MISSING in c.facts.values() for c in cells.values())
     if fact_missing or any((row, column) not in cells for row in rows for column in columns):
         footnotes.append(

@@ -47,12 +47,12 @@ def test_marks_and_cells():
         parse_cells("5w2s")
 
 
-def _fake_run(root, learner, way, shot, accuracies, preset="finn2017"):
+def _fake_run(root, learner, way, shot, accuracies, preset="finn2017", reduced=False):
     run = root / f"{learner}-{way}w{shot}s"
     run.mkdir(parents=True)
     (run / "config.json").write_text(json.dumps({
         "learner": learner, "way": way, "shot": shot, "query": shot, "seed": 0, "iterations": 60000,
-        "preset": preset, "manifest_hash": "m", "device_name": "NVIDIA H200",
+        "preset": preset, "reduced": reduced, "manifest_hash": "m", "device_name": "NVIDIA H200",
         "protocol": {"name": "vinyals", "split_hash": "s", "rotations": [0, 90, 180, 270]}}))
     (run / "episodes.csv").write_text("episode,accuracy\n" + "".join(f"{i},{a}\n" for i, a in enumerate(accuracies)))
     (run / "summary.json").write_text(json.dumps({"status": "complete", "n": len(accuracies),
@@ -77,3 +77,11 @@ def test_reproduce_table_only_shows_pending_cells(tmp_path, capsys):
     table = (tmp_path / "table.md").read_text()
     assert table.count("pending") == 2 * 12 and "98.7 ± 0.4" in table
     assert (tmp_path / "table.tex").read_text().count(r"\\") >= 13
+
+
+def test_reduced_runs_are_labelled_and_never_judged(tmp_path, capsys):
+    _fake_run(tmp_path, "maml", 20, 1, [0.96, 0.97, 0.95, 0.96], reduced=True)
+    rows = comparison(tmp_path, "finn2017", ["maml"], [(20, 1)], "x")["rows"]
+    assert rows[0]["mark"] == "not compared (reduced)" and rows[0]["protocol"].startswith("reduced")
+    assert main(["table", str(tmp_path)]) == 0
+    assert "Reduced protocol: maml ran fewer meta-iterations" in capsys.readouterr().out

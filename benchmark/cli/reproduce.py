@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from benchmark.cli.common import plugin_option
 from benchmark.cli.data import data_dir_option
 
 
@@ -20,7 +21,8 @@ from benchmark.cli.data import data_dir_option
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Default results/finn2017 (results/finn2017-quick with --quick).")
 @click.option("--table-only", is_flag=True, help="Only rebuild the table from the runs already there.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
-def reproduce(paper, learners, cells, iterations, quick, device, data_dir, out, table_only, quiet) -> None:
+@plugin_option
+def reproduce(paper, learners, cells, iterations, quick, device, data_dir, out, table_only, quiet, plugin_files) -> None:
     """Run the cells of a paper's table with its preset and compare with the published numbers.
 
     \b
@@ -57,7 +59,7 @@ def reproduce(paper, learners, cells, iterations, quick, device, data_dir, out, 
                     "protocol": None, "device": device, "data_dir": data_dir, "out": out, "name": None,
                     "overrides": tuple(overrides), "preset": paper, "val_every": 500 if not quick else 100,
                     "val_episodes": 100, "log_every": 50, "checkpoint_every": 500 if not quick else 100,
-                    "force": False, "quiet": quiet, "plugin_files": (),
+                    "force": False, "quiet": quiet, "plugin_files": plugin_files,
                 }
                 execute_runs(learner, way, shot, options)
     result = comparison(out, paper, learner_list, cell_list, label)
