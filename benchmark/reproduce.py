@@ -119,18 +119,10 @@ def _duration(seconds: Any) -> str:
 
 
 def render(result: dict[str, Any], fmt: str) -> str:
+    """The comparison as Markdown or LaTeX, with the same renderers as ``bench table``."""
     import pandas as pd
 
-    frame = pd.DataFrame(result["rows"])
-    if fmt == "markdown":
-        return f"Table: {result['caption']}\n\n" + frame.to_markdown(index=False) + "\n"
-    from benchmark.tables import latex_escape
+    from benchmark.tables import frame_latex, frame_markdown
 
-    header = " & ".join(latex_escape(c) for c in frame.columns) + r" \\"
-    body = [" & ".join(latex_escape(str(v)) for v in r) + r" \\" for r in frame.itertuples(index=False)]
-    return "\n".join([
-        "% metabench reproduction table. Plain LaTeX2e: needs no \\usepackage.",
-        r"\begin{table}[htbp]", r"\centering", r"\small", r"\caption{" + latex_escape(result["caption"]) + "}",
-        r"\begin{tabular}{" + "l" * len(frame.columns) + "}", r"\hline", header, r"\hline", *body, r"\hline",
-        r"\end{tabular}", r"\end{table}",
-    ]) + "\n"
+    frame = pd.DataFrame(result["rows"])
+    return (frame_markdown if fmt == "markdown" else frame_latex)(frame, result["caption"])

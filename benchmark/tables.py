@@ -480,12 +480,18 @@ def display_frame(table: Table) -> pd.DataFrame:
 
 def render_markdown(table: Table) -> str:
     """A pipe table (GitHub/pandoc) with a pandoc ``Table:`` caption and the footnotes under it."""
-    frame = display_frame(table)
+    return frame_markdown(display_frame(table), table.caption, table.footnotes)
+
+
+def frame_markdown(frame: pd.DataFrame, caption: str, footnotes: Iterable[str] = ()) -> str:
+    """Any frame of strings as a pipe table with a pandoc ``Table:`` caption and footnotes as a list."""
+    frame = frame.astype(str)
     for column in frame.columns:  # a literal | would split the cell
         frame[column] = frame[column].str.replace("|", "\\|", regex=False)
-    lines = [f"Table: {table.caption}", "", frame.to_markdown(index=False)]
-    if table.footnotes:
-        lines += [""] + [f"- {note}" for note in table.footnotes]
+    lines = [f"Table: {caption}", "", frame.to_markdown(index=False)]
+    footnotes = list(footnotes)
+    if footnotes:
+        lines += [""] + [f"- {note}" for note in footnotes]
     return "\n".join(lines) + "\n"
 
 
@@ -512,7 +518,11 @@ def latex_escape(text: str) -> str:
 
 def render_latex(table: Table) -> str:
     """A ``table`` float with a plain ``tabular``: compiles with pdflatex as pasted, no extra packages."""
-    frame = display_frame(table)
+    return frame_latex(display_frame(table), table.caption, table.footnotes)
+
+
+def frame_latex(frame: pd.DataFrame, caption: str, footnotes: Iterable[str] = ()) -> str:
+    """Any frame of strings as a ``table`` float with a plain ``tabular`` (first column left, others centred)."""
     align = "l" + "c" * (frame.shape[1] - 1)
 
     def line(values: Iterable[str]) -> str:
@@ -526,7 +536,7 @@ def render_latex(table: Table) -> str:
         r"\begin{table}[htbp]",
         r"\centering",
         r"\small",
-        r"\caption{" + latex_escape(table.caption) + "}",
+        r"\caption{" + latex_escape(caption) + "}",
         r"\begin{tabular}{" + align + "}",
         r"\hline",
         line(frame.columns),
@@ -535,8 +545,9 @@ def render_latex(table: Table) -> str:
         r"\hline",
         r"\end{tabular}",
     ]
-    if table.footnotes:
-        out += [r"\par\smallskip", r"{\footnotesize"] + [latex_escape(n) + r"\par" for n in table.footnotes] + ["}"]
+    footnotes = list(footnotes)
+    if footnotes:
+        out += [r"\par\smallskip", r"{\footnotesize"] + [latex_escape(n) + r"\par" for n in footnotes] + ["}"]
     out.append(r"\end{table}")
     return "\n".join(out) + "\n"
 
