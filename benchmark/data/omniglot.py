@@ -216,21 +216,34 @@ def load_omniglot(
         cache_path=path,
         from_cache=from_cache,
     )
-    if strict:
-        problems = verify(result)
-        if problems:
-            raise DataError(
-                "the Omniglot data in "
-                f"{sources.root} is not the complete data set: {'; '.join(problems)}. Download it again"
-            )
-    if result.is_real and not verify(result):
-        # Remember the verified decode, so later commands need neither --data-dir nor the zips.
-        atomic_write_json(cache_root() / VERIFIED_POINTER, {"cache_file": path.name, "content_sha256": REAL_CONTENT_SHA256})
+    problems = verify(result)
+    if strict and problems:
+        raise DataError(
+            "the Omniglot data in "
+            f"{sources.root} is not the complete data set: {'; '.join(problems)}. Download it again"
+        )
+    if not problems:
+        _remember_verified_decode(path)
     return result
 
 
 #: Names the cache file of the last verified real decode (written by any successful load of the real data).
 VERIFIED_POINTER = "omniglot28-verified.json"
+
+
+def _remember_verified_decode(path: Path) -> None:
+    """Point the cache at this verified decode, so later commands need neither --data-dir nor the zips.
+    Written only when it changes: a warm load writes nothing."""
+    import json
+
+    record = {"cache_file": path.name, "content_sha256": REAL_CONTENT_SHA256}
+    pointer = cache_root() / VERIFIED_POINTER
+    try:
+        if json.loads(pointer.read_text()) == record:
+            return
+    except (OSError, ValueError):
+        pass
+    atomic_write_json(pointer, record)
 
 
 def _load_verified_decode() -> OmniglotImages | None:
@@ -252,16 +265,23 @@ def _load_verified_decode() -> OmniglotImages | None:
     return OmniglotImages(data["images"], tuple(data["characters"]), REAL_CONTENT_SHA256, sources, path, True)
 
 
+def set_counts(characters: tuple[str, ...] | list[str]) -> dict[str, tuple[int, int]]:
+    """(alphabets, characters) per image set, from character names "<set>/<Alphabet>/characterNN"."""
+    counts = {}
+    for set_name in SETS:
+        names = [c for c in characters if c.startswith(set_name + "/")]
+        counts[set_name] = (len({c.split("/")[1] for c in names}), len(names))
+    return counts
+
+
 def verify(data: OmniglotImages) -> list[str]:
     """Every way in which ``data`` differs from the real Omniglot (empty when it is the real thing)."""
     problems = []
-    for set_name in SETS:
-        names = [c for c in data.characters if c.startswith(set_name + "/")]
-        alphabets = {c.split("/")[1] for c in names}
+    for set_name, (alphabets, characters) in set_counts(data.characters).items():
         want_alpha, want_chars = EXPECTED[set_name]
-        if (len(alphabets), len(names)) != (want_alpha, want_chars):
+        if (alphabets, characters) != (want_alpha, want_chars):
             problems.append(
-                f"{set_name} has {len(alphabets)} alphabets and {len(names)} characters, "
+                f"{set_name} has {alphabets} alphabets and {characters} characters, "
                 f"expected {want_alpha} and {want_chars}"
             )
     for f in data.sources.files:
