@@ -16,6 +16,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
 
@@ -177,6 +178,11 @@ class Runner:
         self.progress = progress or (lambda event: None)
         self.extra_config = extra_config or {}
 
+    @cached_property
+    def environment(self) -> dict[str, Any]:
+        """Versions and device of this process (asks git once, for the config record and the summary)."""
+        return R.environment(self.device)
+
     # -- the run directory ----------------------------------------------------------------------------------
     def prepare(self, force: bool) -> str:
         """Create or inspect the run directory: returns "new", "resume" or "done"."""
@@ -207,7 +213,7 @@ class Runner:
             "iterations": self.spec.iterations, "episodes": self.spec.episodes, "seed": self.spec.seed,
             "episode_seed": self.spec.episode_seed, "preset": self.spec.preset, "reduced": self.spec.reduced,
             "manifest_hash": manifest.hash,
-            **R.environment(self.device),
+            **self.environment,
             **self.extra_config,
         }
 
@@ -328,7 +334,7 @@ class Runner:
             "ms_per_iteration": round(1000 * train.train_seconds / iterations, 3) if self.spec.iterations else None,
             "peak_memory_mb": round(_peak_memory_mb(self.device), 1),
             "final_val_accuracy": train.last_val,
-            "device_name": R.environment(self.device)["device_name"],
+            "device_name": self.environment["device_name"],
         }
 
 
