@@ -105,6 +105,12 @@ class Learner:
         tasks), which ``bench perf`` times beside the shipped one; ``None`` when there is none."""
         return None
 
+    @classmethod
+    def ablation_configs(cls, config: Any) -> dict[str, Any]:
+        """Labelled configs between the reference and the shipped learner (e.g. each speed switch on its
+        own), which ``bench perf --ablation`` times too; empty when there are none."""
+        return {}
+
     def describe(self) -> dict[str, Any]:
         """Protocol facts reported in every result row and table, e.g. ``{"order": "second",
         "inner_steps_train": 1, "inner_steps_test": 10, "batchnorm": "transductive"}``."""

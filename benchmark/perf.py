@@ -49,6 +49,8 @@ class StepTiming:
     peak_memory_mb: float
     sampling_ms: list[float]
     batch_size: int
+    warmup_steps: int = 0
+    warmup_s: float = 0.0
 
     @property
     def median_ms(self) -> float:
@@ -68,6 +70,9 @@ class StepTiming:
             "batch_size": self.batch_size,
             # Episodes (or images, for minibatch learners) the sampler draws per second.
             "sampled_per_s": round(1000 * self.batch_size / max(statistics.median(self.sampling_ms), 1e-6), 1),
+            # The untimed first steps, compilation and CUDA-graph capture included: a run's one-time cost.
+            "warmup_steps": self.warmup_steps,
+            "warmup_s": round(self.warmup_s, 3),
         }
 
 
@@ -92,10 +97,16 @@ def time_training(variants: list[tuple[str, Learner]], pool, spec: EpisodeSpec, 
         else:
             sampler = EpisodeSampler(pool, spec, seed)
             draws.append(lambda s=sampler, n=learner.train_batch_size: s.sample(n))
+    # One-time costs (compilation at the first step, CUDA-graph capture after the eager warm-up steps) land
+    # in the warm-up; their total is reported, since a run pays it once.
+    warmup_s = []
     for (_, learner), draw in zip(variants, draws):
+        synchronize(device)
+        start = time.perf_counter()
         for _ in range(warmup):
             learner.meta_train_step(draw())
-    synchronize(device)
+        synchronize(device)
+        warmup_s.append(time.perf_counter() - start)
     times: list[list[float]] = [[] for _ in variants]
     sampling: list[list[float]] = [[] for _ in variants]
     peaks = [0.0 for _ in variants]
@@ -117,8 +128,8 @@ def time_training(variants: list[tuple[str, Learner]], pool, spec: EpisodeSpec, 
             times[i].append(1000 * (time.perf_counter() - start))
             sampling[i].append(1000 * (sampled - start))
             peaks[i] = max(peaks[i], peak_memory_mb(device))
-    return [StepTiming(label, t, peak, s, learner.train_batch_size)
-            for (label, learner), t, s, peak in zip(variants, times, sampling, peaks)]
+    return [StepTiming(label, t, peak, s, learner.train_batch_size, warmup, w)
+            for (label, learner), t, s, peak, w in zip(variants, times, sampling, peaks, warmup_s)]
 
 
 def time_evaluation(learner: Learner, pool, spec: EpisodeSpec, episodes: int) -> dict[str, Any]:

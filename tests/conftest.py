@@ -19,6 +19,25 @@ def real_data_dir() -> Path | None:
     return None
 
 
+def pytest_collection_modifyitems(config, items):
+    """Skip ``gpu`` tests where CUDA is absent (imports torch only when such a test was collected), and
+    ``inductor`` tests unless BENCH_TEST_INDUCTOR=1."""
+    if os.environ.get("BENCH_TEST_INDUCTOR") != "1":
+        skip = pytest.mark.skip(reason="minutes of inductor compilation: set BENCH_TEST_INDUCTOR=1 to run it")
+        for item in items:
+            if item.get_closest_marker("inductor"):
+                item.add_marker(skip)
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device (run on a GPU machine: python -m pytest -m gpu)")
+        for item in gpu_items:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def omniglot_dir() -> Path:
     path = real_data_dir()

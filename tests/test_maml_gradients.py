@@ -123,10 +123,13 @@ def test_defaults_follow_the_paper():
     ctx = RunContext(way=5, shot=1, query=15, device=torch.device("cpu"))
     assert maml.FOMAML(maml.FOMAML.default_config(5, 1), ctx).describe() == {
         "order": "first", "inner_steps_train": 1, "inner_steps_test": 10, "inner_lr": 0.4,
-        "batchnorm": "transductive", "meta_batch_size": 32, "tasks": "loop",
+        "batchnorm": "transductive", "meta_batch_size": 32, "tasks": "loop", "cuda_graph": False,
+        "compiled": False,
     }
-    # vmap by default on CUDA and for small CPU tasks; bench perf's reference is always the loop.
-    assert maml.MAML.reference_config(five).vectorize is False and five.vectorize is None
+    # vmap by default on CUDA and for small CPU tasks; bench perf's reference is always the plain loop.
+    reference = maml.MAML.reference_config(five)
+    assert (reference.vectorize, reference.cuda_graph, reference.compile) == (False, False, False)
+    assert five.vectorize is None and five.cuda_graph is None and five.compile is False
     small = RunContext(way=5, shot=1, query=1, device=torch.device("cpu"))
     assert maml.MAML(five, small).describe()["tasks"] == "vmap"
 

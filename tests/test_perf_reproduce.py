@@ -26,6 +26,25 @@ def test_perf_times_shipped_and_reference_in_one_report(omniglot_dir, capsys):
 
 
 @pytest.mark.realdata
+def test_perf_ablation_times_each_variant_or_says_why_not(omniglot_dir, capsys):
+    # 5-way 1-shot 1-query: the shipped fomaml runs vmap on the CPU, so plain "vmap" duplicates it.
+    assert main(["perf", "--learner", "fomaml", "--device", "cpu", "--iterations", "2", "--warmup", "0",
+                 "--eval-episodes", "0", "-o", "meta_batch_size=2", "-o", "vectorize=false", "--ablation",
+                 "--data-dir", str(omniglot_dir), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    rows = {t["variant"]: t for t in report["training"]}
+    assert list(rows) == ["shipped", "per-task loop", "vmap"]
+    assert rows["per-task loop"]["speedup_vs_loop"] == 1.0 and rows["vmap"]["speedup_vs_loop"] > 0
+    assert "needs a CUDA device" in report["skipped_variants"]["vmap + cuda graph"]
+    assert main(["perf", "--learner", "fomaml", "--device", "cpu", "--iterations", "1", "--warmup", "0",
+                 "--eval-episodes", "0", "-o", "meta_batch_size=2", "--ablation", "--no-reference",
+                 "--data-dir", str(omniglot_dir), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [t["variant"] for t in report["training"]] == ["shipped"] and "speedup" not in report
+    assert report["skipped_variants"]["vmap"] == "the same as shipped on this device"
+
+
+@pytest.mark.realdata
 def test_perf_of_a_learner_without_a_reference(omniglot_dir, capsys):
     assert main(["perf", "--learner", "finetune", "--device", "cpu", "--iterations", "1", "--warmup", "0",
                  "--eval-episodes", "0", "--data-dir", str(omniglot_dir), "--json"]) == 0

@@ -1,0 +1,112 @@
+"""Replaying a whole training step as one CUDA graph.
+
+A second-order MAML step on Omniglot launches thousands of small kernels; on a fast GPU the host cannot
+launch them as quickly as the device runs them, so the step is bound by Python and launch latency, not by
+arithmetic. Capturing the step once in a CUDA graph and replaying it removes that cost: a replay is one
+launch.
+
+What a captured step must respect (and ``GraphedStep`` arranges):
+
+* Static inputs: replay reads the input tensors captured at their addresses, so each call copies its inputs
+  into buffers allocated once (``copy_`` also converts dtype, e.g. uint8 images to float).
+* Everything the step updates (parameters, optimizer state) must be updated in place at fixed addresses.
+  Adam needs ``capturable=True`` so that its step count and bias corrections live on the device.
+  Replacing such a tensor (``optimizer.load_state_dict``) invalidates the graph: call ``reset()``.
+* No host synchronization inside the step (no ``.item()``, no data-dependent shapes).
+* Warm-up: the first ``warmup`` calls run eagerly on a side stream (as PyTorch's CUDA-graph notes advise),
+  which initialises lazily created state (cuBLAS/cuDNN handles, optimizer state) before capture. They are
+  real steps, not discarded ones, so a run's sequence of updates does not depend on where capture happens.
+* Outputs are overwritten by the next replay, so they are returned as clones.
+
+If capture fails (an operation that cannot be captured on this PyTorch build), the step warns once and runs
+eagerly from then on: slower, never wrong.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Sequence
+
+import torch
+
+StepFn = Callable[..., Sequence[torch.Tensor]]
+
+
+class GraphedStep:
+    """Call ``step(*inputs)`` eagerly for the first ``warmup`` calls, then capture it once and replay it.
+
+    Args:
+        step: a function of tensors that performs the whole update in place and returns a tuple of tensors
+            (e.g. the loss and accuracy, 0-dim). It must not synchronize with the host.
+        device: the CUDA device the step runs on.
+        warmup: eager calls before capture (at least 1: the optimizer state must exist before capture).
+    """
+
+    def __init__(self, step: StepFn, device: torch.device, warmup: int = 3) -> None:
+        if device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, not {device}")
+        self.step = step
+        self.device = device
+        self.warmup = max(1, warmup)
+        #: Why capture was given up (the step then always runs eagerly); None while capture is allowed.
+        self.disabled_reason: str | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the captured graph (after a tensor it captured was replaced); warm up and capture anew."""
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_inputs: list[torch.Tensor] = []
+        self.static_outputs: tuple[torch.Tensor, ...] = ()
+        self.eager_calls = 0
+
+    @property
+    def captured(self) -> bool:
+        return self.graph is not None
+
+    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.graph is not None and self._matches(inputs):
+            for static, x in zip(self.static_inputs, inputs):
+                static.copy_(x, non_blocking=True)
+            self.graph.replay()
+            return tuple(o.clone() for o in self.static_outputs)
+        if self.disabled_reason is not None:
+            return tuple(self.step(*inputs))
+        if self.graph is not None:  # the input shapes changed: capture again for the new ones
+            self.reset()
+        if self.eager_calls < self.warmup:
+            self.eager_calls += 1
+            return self._eager_on_side_stream(inputs)
+        return self._capture_and_replay(inputs)
+
+    def _matches(self, inputs: Sequence[torch.Tensor]) -> bool:
+        return len(inputs) == len(self.static_inputs) and all(
+            x.shape == s.shape and x.device == s.device for x, s in zip(inputs, self.static_inputs))
+
+    def _eager_on_side_stream(self, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side), warnings.catch_warnings():
+            # Optimizers built with capturable=True warn when they step outside a capture; here that is the plan.
+            warnings.filterwarnings("ignore", message=".*capturable=True.*")
+            outputs = tuple(self.step(*inputs))
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        return outputs
+
+    def _capture_and_replay(self, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        # Static buffers keep the inputs' dtype: callers pass what the step expects (the learner converts).
+        self.static_inputs = [x.detach().clone() for x in inputs]
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self.static_outputs = tuple(self.step(*self.static_inputs))
+        except Exception as exc:  # noqa: BLE001 - any capture failure falls back to the eager step
+            self.disabled_reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            self.graph, self.static_inputs, self.static_outputs = None, [], ()
+            warnings.warn(f"CUDA graph capture failed ({self.disabled_reason}); running the step eagerly. "
+                          "Pass -o cuda_graph=false to skip the attempt.", RuntimeWarning, stacklevel=3)
+            # Capture records without executing, so this call's update has not happened yet.
+            torch.cuda.synchronize(self.device)
+            return tuple(self.step(*inputs))
+        self.graph = graph
+        graph.replay()
+        return tuple(o.clone() for o in self.static_outputs)
