@@ -18,8 +18,9 @@ What a captured step must respect (and ``GraphedStep`` arranges):
   real steps, not discarded ones, so a run's sequence of updates does not depend on where capture happens.
 * Outputs are overwritten by the next replay, so they are returned as clones.
 
-If capture fails (an operation that cannot be captured on this PyTorch build), the step warns once and runs
-eagerly from then on: slower, never wrong.
+If capture fails (an operation that cannot be captured on this PyTorch build), or the first replay
+disagrees with the same update done eagerly (checked once per capture when the caller names the state the
+step updates), the step warns once and runs eagerly from then on: slower, never wrong.
 """
 
 from __future__ import annotations
@@ -40,14 +41,20 @@ class GraphedStep:
             (e.g. the loss and accuracy, 0-dim). It must not synchronize with the host.
         device: the CUDA device the step runs on.
         warmup: eager calls before capture (at least 1: the optimizer state must exist before capture).
+        state: returns the tensors ``step`` updates in place (parameters, optimizer state). When given, the
+            captured step is checked once against the eager step on the same inputs: the call that
+            captures runs the update eagerly, undoes it, replays the graph and compares outputs and state;
+            a disagreement keeps the eager result and turns the graph off with a warning.
     """
 
-    def __init__(self, step: StepFn, device: torch.device, warmup: int = 3) -> None:
+    def __init__(self, step: StepFn, device: torch.device, warmup: int = 3,
+                 state: Callable[[], Sequence[torch.Tensor]] | None = None) -> None:
         if device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, not {device}")
         self.step = step
         self.device = device
         self.warmup = max(1, warmup)
+        self.state = state
         #: Why capture was given up (the step then always runs eagerly); None while capture is allowed.
         self.disabled_reason: str | None = None
         self.reset()
@@ -93,20 +100,75 @@ class GraphedStep:
         return outputs
 
     def _capture_and_replay(self, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        # The reference for the check below: this call's update done eagerly, then undone.
+        check = self.state is not None
+        if check:
+            before = _clones(self.state())
+            eager_outputs = self._eager_on_side_stream(inputs)
+            eager_state = _clones(self.state())
+            _restore(self.state(), before)
         # Static buffers keep the inputs' dtype: callers pass what the step expects (the learner converts).
         self.static_inputs = [x.detach().clone() for x in inputs]
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*capturable=True.*")
                 self.static_outputs = tuple(self.step(*self.static_inputs))
         except Exception as exc:  # noqa: BLE001 - any capture failure falls back to the eager step
-            self.disabled_reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            self.graph, self.static_inputs, self.static_outputs = None, [], ()
-            warnings.warn(f"CUDA graph capture failed ({self.disabled_reason}); running the step eagerly. "
-                          "Pass -o cuda_graph=false to skip the attempt.", RuntimeWarning, stacklevel=3)
-            # Capture records without executing, so this call's update has not happened yet.
+            self._give_up(f"capture failed: {type(exc).__name__}: {exc}")
             torch.cuda.synchronize(self.device)
+            if check:  # capture records without executing: the state is still `before`; redo the update
+                _restore(self.state(), eager_state)
+                return eager_outputs
             return tuple(self.step(*inputs))
-        self.graph = graph
         graph.replay()
-        return tuple(o.clone() for o in self.static_outputs)
+        outputs = tuple(o.clone() for o in self.static_outputs)
+        if check:
+            problem = _disagreement(self.state(), eager_state, before)
+            if problem is not None:
+                self._give_up(f"the replayed step disagrees with the eager one ({problem})")
+                _restore(self.state(), eager_state)
+                return eager_outputs
+        self.graph = graph
+        return outputs
+
+    def _give_up(self, reason: str) -> None:
+        self.disabled_reason = reason.splitlines()[0]
+        self.graph, self.static_inputs, self.static_outputs = None, [], ()
+        warnings.warn(f"CUDA graph {self.disabled_reason}; running the step eagerly from now on. "
+                      "Pass -o cuda_graph=false to skip the attempt.", RuntimeWarning, stacklevel=4)
+
+
+#: The replayed step may round differently from the eager one (atomics, algorithm choice), far below this
+#: fraction of what the step changed; a wrong capture (stale inputs, an update not replayed) is off by
+#: about the whole change.
+AGREEMENT_RTOL = 1e-2
+
+
+def _clones(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    return [t.detach().clone() for t in tensors]
+
+
+def _restore(tensors: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for t, v in zip(tensors, values):
+            t.copy_(v)
+
+
+def _disagreement(state: Sequence[torch.Tensor], eager_state: Sequence[torch.Tensor],
+                  before: Sequence[torch.Tensor]) -> str | None:
+    """None if the replayed step left the state where the eager step did, else what differs.
+
+    Only the state is compared: it carries the step's effect (for Adam, the moments record the gradient),
+    while outputs such as an accuracy can flip on a rounding-level tie. Synchronizes the host (once).
+    """
+    for i, (now, eager, old) in enumerate(zip(state, eager_state, before)):
+        if not now.is_floating_point():
+            if not torch.equal(now, eager):
+                return f"state tensor {i} differs"
+            continue
+        change = (eager.double() - old.double()).norm()
+        error = (now.double() - eager.double()).norm()
+        if error > AGREEMENT_RTOL * change + 1e-12:
+            return f"state tensor {i}: error {float(error):.3g} for a change of {float(change):.3g}"
+    return None

@@ -251,7 +251,7 @@ class MAML(Learner):
         self._gradient_fn: GradientFn = vectorized_meta_gradient if self.vectorized else reference_meta_gradient
         if config.compile:
             self._gradient_fn = _compiled(vectorized_meta_gradient)
-        self._graph = GraphedStep(self._update, context.device) if self.graphed else None
+        self._graph = GraphedStep(self._update, context.device, state=self._updated_tensors) if self.graphed else None
         self._shape = (context.way, context.shot, context.query)  # (N, K, Q) of the batches _update receives
 
     @classmethod
@@ -290,6 +290,12 @@ class MAML(Learner):
         if config.compile:
             variants["vmap + compile"] = dataclasses.replace(plain, compile=True)
         return variants
+
+    def _updated_tensors(self) -> list[torch.Tensor]:
+        """What a meta-update changes in place: the parameters and Adam's state (moments, step count)."""
+        state = [t for p in self.params.values() for t in self.optimizer.state.get(p, {}).values()
+                 if isinstance(t, torch.Tensor)]
+        return list(self.params.values()) + state
 
     def _frozen_params(self) -> Params:
         return {k: v.detach() for k, v in self.params.items()}
