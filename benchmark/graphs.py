@@ -43,8 +43,9 @@ class GraphedStep:
         warmup: eager calls before capture (at least 1: the optimizer state must exist before capture).
         state: returns the tensors ``step`` updates in place (parameters, optimizer state). When given, the
             captured step is checked once against the eager step on the same inputs: the call that
-            captures runs the update eagerly, undoes it, replays the graph and compares outputs and state;
-            a disagreement keeps the eager result and turns the graph off with a warning.
+            captures runs the update eagerly, undoes it, checks that capturing changed nothing, replays
+            the graph and compares the state with the eager result; a disagreement keeps the eager
+            result and turns the graph off with a warning.
     """
 
     def __init__(self, step: StepFn, device: torch.device, warmup: int = 3,
@@ -71,23 +72,28 @@ class GraphedStep:
         return self.graph is not None
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if self.graph is not None and self._matches(inputs):
-            for static, x in zip(self.static_inputs, inputs):
-                static.copy_(x, non_blocking=True)
-            self.graph.replay()
-            return tuple(o.clone() for o in self.static_outputs)
-        if self.disabled_reason is not None:
-            return tuple(self.step(*inputs))
-        if self.graph is not None:  # the input shapes changed: capture again for the new ones
-            self.reset()
-        if self.eager_calls < self.warmup:
-            self.eager_calls += 1
-            return self._eager_on_side_stream(inputs)
-        return self._capture_and_replay(inputs)
+        # Every CUDA call below runs with the step's device current: torch.cuda.graph's default capture
+        # stream, current_stream() and replay() all follow the current device, and on cuda:N a capture on
+        # device 0's stream would record nothing while the step's kernels ran immediately.
+        with torch.cuda.device(self.device):
+            if self.graph is not None and self._matches(inputs):
+                for static, x in zip(self.static_inputs, inputs):
+                    static.copy_(x, non_blocking=True)
+                self.graph.replay()
+                return tuple(o.clone() for o in self.static_outputs)
+            if self.disabled_reason is not None:
+                return tuple(self.step(*inputs))
+            if self.graph is not None:  # the input shapes changed: capture again for the new ones
+                self.reset()
+            if self.eager_calls < self.warmup:
+                self.eager_calls += 1
+                return self._eager_on_side_stream(inputs)
+            return self._capture_and_replay(inputs)
 
     def _matches(self, inputs: Sequence[torch.Tensor]) -> bool:
         return len(inputs) == len(self.static_inputs) and all(
-            x.shape == s.shape and x.device == s.device for x, s in zip(inputs, self.static_inputs))
+            x.shape == s.shape and x.dtype == s.dtype and x.device == s.device
+            for x, s in zip(inputs, self.static_inputs))
 
     def _eager_on_side_stream(self, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         side = torch.cuda.Stream(self.device)
@@ -110,17 +116,29 @@ class GraphedStep:
         # Static buffers keep the inputs' dtype: callers pass what the step expects (the learner converts).
         self.static_inputs = [x.detach().clone() for x in inputs]
         graph = torch.cuda.CUDAGraph()
+        capture_stream = torch.cuda.Stream(self.device)
         try:
-            with torch.cuda.graph(graph), warnings.catch_warnings():
+            # The outer stream context restores the current stream even when a failed capture makes
+            # torch.cuda.graph's exit raise before it restores the stream itself.
+            with torch.cuda.stream(capture_stream), torch.cuda.graph(graph, stream=capture_stream), \
+                    warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*capturable=True.*")
                 self.static_outputs = tuple(self.step(*self.static_inputs))
         except Exception as exc:  # noqa: BLE001 - any capture failure falls back to the eager step
-            self._give_up(f"capture failed: {type(exc).__name__}: {exc}")
+            # A capture invalidated by a forbidden call surfaces as capture_end's error; the cause is the context.
+            # (PyTorch keeps the graph's private memory pool after a failed capture: a one-time cost.)
+            cause = exc.__context__ if exc.__context__ is not None else exc
+            self._give_up(f"capture failed: {type(cause).__name__}: {cause}")
             torch.cuda.synchronize(self.device)
             if check:  # capture records without executing: the state is still `before`; redo the update
                 _restore(self.state(), eager_state)
                 return eager_outputs
             return tuple(self.step(*inputs))
+        if check and _disagreement(self.state(), before, before) is not None:
+            # Capture must record, not run: a state that moved means kernels escaped the capture.
+            self._give_up("capture ran the step instead of recording it")
+            _restore(self.state(), eager_state)
+            return eager_outputs
         graph.replay()
         outputs = tuple(o.clone() for o in self.static_outputs)
         if check:
@@ -155,14 +173,16 @@ def _restore(tensors: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) ->
             t.copy_(v)
 
 
-def _disagreement(state: Sequence[torch.Tensor], eager_state: Sequence[torch.Tensor],
+def _disagreement(state: Sequence[torch.Tensor], expected: Sequence[torch.Tensor],
                   before: Sequence[torch.Tensor]) -> str | None:
-    """None if the replayed step left the state where the eager step did, else what differs.
+    """None if ``state`` matches ``expected`` within AGREEMENT_RTOL of the change from ``before`` to
+    ``expected`` (exactly, where nothing changed), else what differs.
 
     Only the state is compared: it carries the step's effect (for Adam, the moments record the gradient),
-    while outputs such as an accuracy can flip on a rounding-level tie. Synchronizes the host (once).
+    while outputs such as an accuracy can flip on a rounding-level tie. Synchronizes the host (once per
+    tensor; this runs once per capture).
     """
-    for i, (now, eager, old) in enumerate(zip(state, eager_state, before)):
+    for i, (now, eager, old) in enumerate(zip(state, expected, before)):
         if not now.is_floating_point():
             if not torch.equal(now, eager):
                 return f"state tensor {i} differs"

@@ -30,6 +30,15 @@ def reset_peak_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def peak_reserved_mb(device: torch.device) -> float | None:
+    """CUDA: peak memory held by the caching allocator since the last reset. It counts a CUDA graph's
+    private pool, which allocated-memory peaks miss, but also blocks cached for the other variants of the
+    same run: an upper bound, exact when one variant runs alone (``--no-reference``). CPU: None."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_reserved(device) / 2**20
+    return None
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """CUDA: peak allocated since the last reset (one step of one variant). CPU: the process's peak resident
     set so far, a high-water mark shared by all variants."""
@@ -51,6 +60,7 @@ class StepTiming:
     batch_size: int
     warmup_steps: int = 0
     warmup_s: float = 0.0
+    peak_reserved_mb: float | None = None
 
     @property
     def median_ms(self) -> float:
@@ -64,6 +74,7 @@ class StepTiming:
             "iterations_per_s": round(1000.0 / self.median_ms, 3),
             "timed_iterations": len(self.times_ms),
             "peak_memory_mb": round(self.peak_memory_mb, 1),
+            "peak_reserved_mb": None if self.peak_reserved_mb is None else round(self.peak_reserved_mb, 1),
             # Drawing the meta-batch on the device, included in median_ms (as in a run).
             "sampling_ms": round(statistics.median(self.sampling_ms), 3),
             "sampling_share": round(statistics.median(self.sampling_ms) / self.median_ms, 4),
@@ -110,6 +121,7 @@ def time_training(variants: list[tuple[str, Learner]], pool, spec: EpisodeSpec, 
     times: list[list[float]] = [[] for _ in variants]
     sampling: list[list[float]] = [[] for _ in variants]
     peaks = [0.0 for _ in variants]
+    reserved: list[float | None] = [None for _ in variants]
     for step in range(max(iterations)):
         # Alternate the order (A B, B A, ...) too: whoever runs second would otherwise always find warm caches.
         order = range(len(variants)) if step % 2 == 0 else reversed(range(len(variants)))
@@ -128,8 +140,10 @@ def time_training(variants: list[tuple[str, Learner]], pool, spec: EpisodeSpec, 
             times[i].append(1000 * (time.perf_counter() - start))
             sampling[i].append(1000 * (sampled - start))
             peaks[i] = max(peaks[i], peak_memory_mb(device))
-    return [StepTiming(label, t, peak, s, learner.train_batch_size, warmup, w)
-            for (label, learner), t, s, peak, w in zip(variants, times, sampling, peaks, warmup_s)]
+            if (r := peak_reserved_mb(device)) is not None:
+                reserved[i] = max(reserved[i] or 0.0, r)
+    return [StepTiming(label, t, peak, s, learner.train_batch_size, warmup, w, r)
+            for (label, learner), t, s, peak, w, r in zip(variants, times, sampling, peaks, warmup_s, reserved)]
 
 
 def time_evaluation(learner: Learner, pool, spec: EpisodeSpec, episodes: int) -> dict[str, Any]:

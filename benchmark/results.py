@@ -108,6 +108,10 @@ def environment(device) -> dict[str, Any]:
         "device_name": name,
         "cpu_threads": torch.get_num_threads(),
         "git_commit": git_commit(),
+        # TF32 keeps 10 mantissa bits in float32 convolutions/matmuls on Ampere and later GPUs (cuDNN
+        # convolutions default to it): it changes the numbers, so a result records whether it was on.
+        "tf32_convolutions": torch.backends.cudnn.allow_tf32 if device.type == "cuda" else None,
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32 if device.type == "cuda" else None,
     }
 
 
