@@ -189,15 +189,13 @@ class Finetune(Learner):
                                 "num_train_classes=0: build the RunContext from the training ClassPool")
         self.dtype = dtype
         gen = context.generator("init")
-        backbone = init_conv4(gen, context.num_train_classes, dtype=dtype, device=context.device)
-        backbone = {k: v for k, v in backbone.items() if not k.startswith("head.")}
+        # The conv4 network with a Glorot linear head over all meta-train classes; Baseline++ swaps the head.
+        params = init_conv4(gen, context.num_train_classes, dtype=dtype, device=context.device)
         if config.head == "cosine":
-            head = init_head("cosine", gen, context.num_train_classes, backbone["bn4.bias"].numel(), None,
-                             dtype, context.device)
-        else:  # Glorot weights and zero bias (from init_conv4)
-            head = {k: v for k, v in init_conv4(gen, context.num_train_classes, dtype=dtype,
-                                                device=context.device).items() if k.startswith("head.")}
-        self.params: Params = {k: v.requires_grad_(True) for k, v in {**backbone, **head}.items()}
+            params = {k: v for k, v in params.items() if not k.startswith("head.")}
+            params.update(init_head("cosine", gen, context.num_train_classes, params["bn4.bias"].numel(), None,
+                                    dtype, context.device))
+        self.params: Params = {k: v.requires_grad_(True) for k, v in params.items()}
         self.optimizer = torch.optim.Adam(list(self.params.values()), lr=config.lr)
 
     def describe(self) -> dict[str, Any]:
