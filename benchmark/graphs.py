@@ -25,8 +25,9 @@ step updates), the step warns once and runs eagerly from then on: slower, never 
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -98,9 +99,7 @@ class GraphedStep:
     def _eager_on_side_stream(self, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side), warnings.catch_warnings():
-            # Optimizers built with capturable=True warn when they step outside a capture; here that is the plan.
-            warnings.filterwarnings("ignore", message=".*capturable=True.*")
+        with torch.cuda.stream(side), _capturable_warning_ignored():
             outputs = tuple(self.step(*inputs))
         torch.cuda.current_stream(self.device).wait_stream(side)
         return outputs
@@ -121,8 +120,7 @@ class GraphedStep:
             # The outer stream context restores the current stream even when a failed capture makes
             # torch.cuda.graph's exit raise before it restores the stream itself.
             with torch.cuda.stream(capture_stream), torch.cuda.graph(graph, stream=capture_stream), \
-                    warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*capturable=True.*")
+                    _capturable_warning_ignored():
                 self.static_outputs = tuple(self.step(*self.static_inputs))
         except Exception as exc:  # noqa: BLE001 - any capture failure falls back to the eager step
             # A capture invalidated by a forbidden call surfaces as capture_end's error; the cause is the context.
@@ -161,6 +159,15 @@ class GraphedStep:
 #: fraction of what the step changed; a wrong capture (stale inputs, an update not replayed) is off by
 #: about the whole change.
 AGREEMENT_RTOL = 1e-2
+
+
+@contextlib.contextmanager
+def _capturable_warning_ignored() -> Iterator[None]:
+    """Silence the warning of optimizers built with capturable=True that step outside a capture: here the
+    eager warm-up and check steps are the plan, not a mistake."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*capturable=True.*")
+        yield
 
 
 def _clones(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
