@@ -26,3 +26,12 @@ class ConfigError(BenchError):
 
 class PluginError(BenchError):
     """A learner that is unknown, registered twice, or broken."""
+
+
+class RunStopped(BenchError):
+    """A run stopped at an iteration boundary (Ctrl-C, SIGTERM, SIGUSR2, ``--time-limit``) after writing a
+    checkpoint; running the same command again resumes it. Not an error: the CLI prints it as a note."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -21,3 +21,15 @@ def bench_register_learners(register: Callable[[type], None]) -> None:
 
     :param register: the callback that records one learner class.
     """
+
+
+@hookspec
+def bench_register_papers(register: Callable[[object], None]) -> None:
+    """Register papers whose tables the harness can reproduce.
+
+    Call ``register(Paper(...))`` once per paper (``benchmark.papers.Paper``: its presets per cell,
+    published numbers with sources, model selection). A second paper with the same name is an error that
+    names both plugins. ``bench reproduce NAME`` and ``bench run --preset NAME`` then use it.
+
+    :param register: the callback that records one paper.
+    """

@@ -15,38 +15,10 @@ from typing import Any
 
 import torch
 
+from benchmark.harness.protocol import EpisodeSpec, Manifest, make_sampler
+from benchmark.harness.protocol import draw as draw_batch
+from benchmark.harness.runtime import peak_memory_mb, peak_reserved_mb, reset_peak_memory, synchronize
 from benchmark.learner import Learner
-from benchmark.protocol import EpisodeSampler, EpisodeSpec, Manifest, MinibatchSampler
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_reserved_mb(device: torch.device) -> float | None:
-    """CUDA: peak memory held by the caching allocator since the last reset. It counts a CUDA graph's
-    private pool, which allocated-memory peaks miss, but also blocks cached for the other variants of the
-    same run: an upper bound, exact when one variant runs alone (``--no-reference``). CPU: None."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_reserved(device) / 2**20
-    return None
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """CUDA: peak allocated since the last reset (one step of one variant). CPU: the process's peak resident
-    set so far, a high-water mark shared by all variants."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 @dataclass
@@ -102,12 +74,9 @@ def time_training(variants: list[tuple[str, Learner]], pool, spec: EpisodeSpec, 
     device = pool.device
     draws = []
     for _, learner in variants:
-        if learner.train_data == "minibatches":
-            sampler: Any = MinibatchSampler(pool, learner.train_batch_size, seed)
-            draws.append(sampler.sample)
-        else:
-            sampler = EpisodeSampler(pool, spec, seed)
-            draws.append(lambda s=sampler, n=learner.train_batch_size: s.sample(n))
+        phase = list(learner.training())[-1]  # the phase a run spends most of its iterations in
+        sampler = make_sampler(phase, pool, spec, seed)
+        draws.append(lambda s=sampler, p=phase: draw_batch(s, p))
     # One-time costs (compilation at the first step, CUDA-graph capture after the eager warm-up steps) land
     # in the warm-up; their total is reported, since a run pays it once.
     warmup_s = []
@@ -142,23 +111,72 @@ def time_training(variants: list[tuple[str, Learner]], pool, spec: EpisodeSpec, 
             peaks[i] = max(peaks[i], peak_memory_mb(device))
             if (r := peak_reserved_mb(device)) is not None:
                 reserved[i] = max(reserved[i] or 0.0, r)
-    return [StepTiming(label, t, peak, s, learner.train_batch_size, warmup, w, r)
+    return [StepTiming(label, t, peak, s, _batch_size(learner), warmup, w, r)
             for (label, learner), t, s, peak, w, r in zip(variants, times, sampling, peaks, warmup_s, reserved)]
+
+
+def _batch_size(learner: Learner) -> int:
+    phase = list(learner.training())[-1]
+    return getattr(phase, "tasks", None) or getattr(phase, "images")
 
 
 def time_evaluation(learner: Learner, pool, spec: EpisodeSpec, episodes: int) -> dict[str, Any]:
     """Wall time of scoring ``episodes`` test episodes (one untimed batch first, to warm up)."""
-    from benchmark.runner import evaluate
+    from benchmark.harness.runner import evaluate
 
     device = pool.device
     warm = Manifest.build(pool, spec, seed=1, episodes=min(episodes, learner.eval_batch_size))
-    evaluate(learner, warm, pool)
+    evaluate(learner, warm, pool, learner.eval_batch_size)
     manifest = Manifest.build(pool, spec, seed=0, episodes=episodes)
     reset_peak_memory(device)
     synchronize(device)
     start = time.perf_counter()
-    evaluate(learner, manifest, pool)
+    evaluate(learner, manifest, pool, learner.eval_batch_size)
     synchronize(device)
     seconds = time.perf_counter() - start
     return {"episodes": episodes, "seconds": round(seconds, 3), "episodes_per_s": round(episodes / seconds, 2),
             "peak_memory_mb": round(peak_memory_mb(device), 1)}
+
+
+def variants_to_time(learner_cls: type, config: Any, context: Any, shipped: Learner, *, reference: bool,
+                     ablation: bool) -> tuple[list[tuple[str, Learner]], dict[str, str]]:
+    """The learners ``bench perf`` times: the shipped one, its per-task-loop reference (when the learner class
+    offers one through ``benchmark.learner.PerfVariants``) and, with ``ablation``, each intermediate variant.
+
+    Returns:
+        (label, learner) pairs in timing order, and the variants skipped with the reason.
+    """
+    from benchmark.errors import ConfigError
+    from benchmark.learner import PerfVariants
+
+    variants: list[tuple[str, Learner]] = [("shipped", shipped)]
+    skipped: dict[str, str] = {}
+    if not isinstance(learner_cls, PerfVariants):
+        return variants, skipped
+    ref_config = learner_cls.reference_config(config) if reference else None
+    if ref_config is not None:
+        variants.append(("per-task loop", learner_cls(ref_config, context)))
+    if not ablation:
+        return variants, skipped
+    for label, ablation_config in learner_cls.ablation_configs(config).items():
+        try:
+            learner = learner_cls(ablation_config, context)
+        except ConfigError as exc:  # e.g. a CUDA graph on the CPU
+            skipped[label] = str(exc)
+            continue
+        if learner.implementation() == shipped.implementation():
+            skipped[label] = "the same as shipped on this device"
+            continue
+        variants.append((label, learner))
+    return variants, skipped
+
+
+def speedups(rows: list[dict[str, Any]], timings: list[StepTiming]) -> float | None:
+    """Add ``speedup_vs_loop`` to every row when the second variant is the per-task loop; returns the
+    shipped learner's speed-up (None without a reference)."""
+    if len(rows) < 2 or rows[1]["variant"] != "per-task loop":
+        return None
+    loop_ms = timings[1].median_ms
+    for row, timing in zip(rows, timings):
+        row["speedup_vs_loop"] = round(loop_ms / timing.median_ms, 2)
+    return rows[0]["speedup_vs_loop"]

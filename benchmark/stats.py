@@ -193,3 +193,18 @@ def seeds_difference(
     n = sum(_as_vector(run.accuracy).size for run in [*runs, *reference])
     se = float((replicates[:, 0] - replicates[:, 1]).std(ddof=1))
     return MeanCI(diff, Z95 * se, float("nan"), n)
+
+
+def compare_to_published(ours_mean: float, ours_ci: float, published_mean: float, published_ci: float) -> str:
+    """"within", "above" or "below": whether our 95% interval is compatible with a published 95% interval.
+
+    Both half-widths are treated as independent normal 95% intervals, so the difference of the means has the
+    half-width sqrt(ours_ci² + published_ci²); "within" when |ours - published| is at most that.
+    """
+    allowed = float(np.hypot(ours_ci, published_ci))
+    difference = ours_mean - published_mean
+    if difference > allowed:
+        return "above"
+    if difference < -allowed:
+        return "below"
+    return "within"

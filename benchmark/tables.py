@@ -35,20 +35,19 @@ import numpy as np
 import pandas as pd
 
 from benchmark.errors import BenchError
+from benchmark.harness.rundir import FINISHED, FinishedRun, RunDirError, find_run_dirs, read_finished_run
 from benchmark.stats import DEFAULT_RESAMPLES, MeanCI, SeedRun, seeds_difference, seeds_mean_ci
 
-RUN_FILES = ("config.json", "episodes.csv", "summary.json")
-#: Top-level config entries that define the experiment: runs differing in one of them are never combined.
-EXPERIMENT_KEYS = ("protocol", "split_hash", "rotations", "query", "iterations", "reduced")
-#: Protocol facts shown in the table: (label, run column). Stated once in the caption when every run
-#: agrees, otherwise as a column with one value per row.
-NOTE_FIELDS = (
+#: Run settings that define the experiment: runs differing in one of them are never combined.
+EXPERIMENT_KEYS = ("protocol", "split_hash", "rotations", "query", "train", "iterations", "reduced", "select")
+#: Protocol facts the harness itself knows, shown for every run: (label, record key). The learner's own facts
+#: (its ``describe()``, keyed by label) follow them.
+HARNESS_FACTS = (
     ("split", "split"),
     ("rotations", "rotations"),
     ("queries/class", "query"),
-    ("inner steps train/test", "inner_steps"),
-    ("order", "order"),
-    ("batch norm", "batchnorm"),
+    ("training episodes", "train"),
+    ("weights tested", "select"),
 )
 MISSING = "—"
 NOT_PAIRED = "n/p"
@@ -64,155 +63,98 @@ def _stderr(message: str) -> None:
 # Loading
 
 
-def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
-    """Every directory at or below ``paths`` that holds a ``config.json``, sorted.
-
-    Completeness (episodes.csv, summary.json, status) is checked by :func:`load_runs`, which can say why a
-    run is skipped. A path that does not exist is an error: a typo must not look like "no runs".
-    """
-    found: set[Path] = set()
-    for raw in paths:
-        path = Path(raw)
-        if not path.exists():
-            raise BenchError(f"{path} does not exist: pass the results directory that `bench run` wrote to")
-        if path.is_file():
-            path = path.parent
-        found.update(config.parent for config in path.rglob("config.json"))
-    return sorted(found)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise BenchError(f"cannot read {path}: {exc}; delete that run directory or run it again") from exc
-    if not isinstance(value, dict):
-        raise BenchError(f"{path} is not a JSON object; delete that run directory or run it again")
-    return value
-
-
-def _read_episodes(path: Path) -> np.ndarray:
-    """Per-episode accuracies ``[n]`` ordered by episode index, which must be exactly 0..n-1."""
-    try:
-        frame = pd.read_csv(path)
-    except (OSError, ValueError) as exc:
-        raise BenchError(f"cannot read {path}: {exc}; delete that run directory or run it again") from exc
-    if list(frame.columns[:2]) != ["episode", "accuracy"] or frame.empty:
-        raise BenchError(f"{path} must have the header `episode,accuracy` and one row per test episode")
-    frame = frame.sort_values("episode")
-    episodes = frame["episode"].to_numpy()
-    accuracy = frame["accuracy"].to_numpy(dtype=np.float64)
-    if not np.array_equal(episodes, np.arange(len(frame))):
-        raise BenchError(f"{path}: episode indices must be 0..{len(frame) - 1}, each once; run it again")
-    if not np.all((accuracy >= 0) & (accuracy <= 1)):
-        raise BenchError(f"{path}: accuracies must be fractions in [0, 1]; run it again")
-    return accuracy
-
-
 def _json_value(value: Any) -> str:
     """A canonical string for comparing config values (dicts/lists included)."""
     return json.dumps(value, sort_keys=True, default=str)
 
 
-def _facts(run: dict[str, Any]) -> dict[str, str]:
-    """The protocol facts of one run, as the strings the table shows."""
-
-    def text(value: Any) -> str:
-        return MISSING if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
-
-    split = MISSING if run["protocol"] is None else f"{run['protocol']} ({str(run['split_hash'] or '?')[:8]})"
-    steps_train, steps_test = text(run["inner_steps_train"]), text(run["inner_steps_test"])
-    steps = MISSING if steps_train == steps_test == MISSING else f"{steps_train}/{steps_test}"
-    return {
-        "split": split,
-        "rotations": text(run["rotations"]),
-        "query": text(run["query"]),
-        "inner_steps": steps,
-        "order": text(run["order"]),
-        "batchnorm": text(run["batchnorm"]),
-    }
+def _text(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return MISSING
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
 
 
-def _load_run(run_dir: Path, warn: Warn) -> dict[str, Any] | None:
-    """One run as a flat record, or ``None`` (with a note) when it is not a finished run."""
-    missing = [name for name in RUN_FILES if not (run_dir / name).is_file()]
-    if missing:
-        warn(f"skipping {run_dir}: no {', '.join(missing)} (unfinished run?)")
-        return None
-    config = _read_json(run_dir / "config.json")
-    summary = _read_json(run_dir / "summary.json")
-    if summary.get("status") != "complete":
-        warn(f"skipping {run_dir}: summary status is {summary.get('status')!r}, not 'complete'")
-        return None
-    for key in ("learner", "way", "shot", "manifest_hash"):
-        if key not in config:
-            raise BenchError(f"{run_dir / 'config.json'} has no {key!r}; run it again with `bench run`")
-    if summary.get("manifest_hash", config["manifest_hash"]) != config["manifest_hash"]:
-        raise BenchError(f"{run_dir}: config.json and summary.json name different test manifests; run it again")
-    accuracy = _read_episodes(run_dir / "episodes.csv")
-    if "n" in summary and int(summary["n"]) != accuracy.size:
-        raise BenchError(
-            f"{run_dir}: summary.json says n={summary['n']} but episodes.csv has {accuracy.size} rows; run it again"
-        )
-    protocol = config.get("protocol") or {}
-    describe = config.get("describe") or {}
-    learner_config = config.get("learner_config") or {}
+def _record(finished: FinishedRun) -> dict[str, Any]:
+    """One finished run as a flat record (a DataFrame row)."""
+    config, run, summary = finished.config, finished.run, finished.summary
+    protocol = config.get("protocol") if isinstance(config.get("protocol"), dict) else {}
+    describe = config.get("describe") if isinstance(config.get("describe"), dict) else {}
+    plugin = config.get("plugin") if isinstance(config.get("plugin"), dict) else {}
+    train = (run["train_way"], run["train_shot"], run["train_query"])
     record: dict[str, Any] = {
-        "path": str(run_dir),
-        "learner": str(config["learner"]),
-        "way": int(config["way"]),
-        "shot": int(config["shot"]),
-        "query": config.get("query"),
-        "seed": config.get("seed"),
-        "iterations": config.get("iterations"),
-        "episodes": accuracy.size,
-        "reduced": bool(config.get("reduced", False)),
-        "preset": config.get("preset"),
-        "protocol": protocol.get("name"),
+        "path": str(finished.path),
+        "learner": run["learner"],
+        "way": run["way"],
+        "shot": run["shot"],
+        "query": run["query"],
+        "train": "as test" if train == (run["way"], run["shot"], run["query"]) else "{}w{}s, {} queries/class".format(*train),
+        "seed": run["seed"],
+        "iterations": run["iterations"],
+        "select": run["select"],
+        "episodes": finished.accuracy.size,
+        "reduced": bool(run.get("reduced", False)),
+        "preset": run.get("preset"),
+        "protocol": run.get("protocol"),
         "split_hash": protocol.get("split_hash"),
         "rotations": "/".join(str(r) for r in protocol.get("rotations", [])) or None,
         "manifest_hash": str(config["manifest_hash"]),
-        "order": describe.get("order"),
-        "inner_steps_train": describe.get("inner_steps_train"),
-        "inner_steps_test": describe.get("inner_steps_test"),
-        "batchnorm": describe.get("batchnorm"),
-        "learner_config": _json_value(learner_config),
-        "describe": _json_value(describe),
+        "learner_config": _json_value(run.get("learner_config", {})),
+        "describe": describe,
+        "plugin": plugin.get("distribution") or plugin.get("file") or plugin.get("plugin"),
+        "plugin_version": plugin.get("version"),
+        "code_sha256": plugin.get("code_sha256"),
         "device_name": config.get("device_name"),
         "accuracy_mean": summary.get("accuracy_mean"),
         "ci95": summary.get("ci95"),
-        "std": summary.get("std"),
-        "n": accuracy.size,
+        "n": finished.accuracy.size,
         "wall_time_s": summary.get("wall_time_s"),
         "ms_per_iteration": summary.get("ms_per_iteration"),
         "peak_memory_mb": summary.get("peak_memory_mb"),
-        "accuracy": accuracy,
+        "accuracy": finished.accuracy,
     }
     # The experiment identity used to tell variants apart (see the module docstring).
-    variant = {f"learner_config.{k}": _json_value(v) for k, v in learner_config.items()}
+    variant = {f"learner_config.{k}": _json_value(v) for k, v in (run.get("learner_config") or {}).items()}
     variant.update({f"describe.{k}": _json_value(v) for k, v in describe.items()})
     variant.update({k: _json_value(record[k]) for k in EXPERIMENT_KEYS})
     record["variant"] = variant
     # Computed before the DataFrame exists: pandas would turn an int column with a gap into floats (1.0).
-    record["facts"] = _facts(record)
+    split = MISSING if record["protocol"] is None else f"{record['protocol']} ({str(record['split_hash'] or '?')[:8]})"
+    facts = {"split": split, "rotations": _text(record["rotations"]), "query": _text(record["query"]),
+             "train": record["train"], "select": _text(record["select"])}
+    facts.update({f"describe.{k}": _text(v) for k, v in describe.items()})
+    record["facts"] = facts
     return record
 
 
 def load_runs(paths: Iterable[str | Path], warn: Warn = _stderr) -> pd.DataFrame:
     """Load every finished run below ``paths``: one DataFrame row per run.
 
-    Columns: config facts (``learner, way, shot, query, seed, iterations, reduced, preset, protocol,
-    split_hash, rotations, manifest_hash``), ``describe`` facts (``order, inner_steps_train,
-    inner_steps_test, batchnorm``), summary facts (``accuracy_mean, ci95, std, n, wall_time_s,
-    ms_per_iteration, peak_memory_mb``), ``accuracy`` (a float array ``[n]`` in episode order),
-    ``variant`` (a dict of the settings that define the experiment) and ``facts`` (the protocol facts as
-    the table shows them).
+    Columns: the run's settings (``learner, way, shot, query, train, seed, iterations, select, reduced,
+    preset, protocol, split_hash, rotations, manifest_hash``), its plugin (``plugin, plugin_version,
+    code_sha256``), ``describe`` (the learner's facts), summary facts (``accuracy_mean, ci95, n,
+    wall_time_s, ms_per_iteration, peak_memory_mb``), ``accuracy`` (a float array ``[n]`` in episode order),
+    ``variant`` (a dict of the settings that define the experiment) and ``facts`` (the protocol facts as the
+    table shows them). Unfinished runs are skipped with a note; so are runs whose files are damaged (the
+    note names the file), so one bad run never hides the others.
 
     :param warn: called with one line per skipped directory (default: print to stderr).
-    :raises BenchError: when no finished run is found, or a run's files are corrupt.
+    :raises BenchError: when no finished run is found.
     """
     paths = list(paths)
-    records = [r for d in find_run_dirs(paths) if (r := _load_run(d, warn)) is not None]
+    records = []
+    for run_dir in find_run_dirs(paths):
+        try:
+            finished = read_finished_run(run_dir)
+        except RunDirError as exc:
+            warn(f"skipping {run_dir}: {exc}")
+            continue
+        if finished is None:
+            missing = [name for name in FINISHED if not (run_dir / name).is_file()]
+            warn(f"skipping {run_dir}: no {', '.join(missing)} (unfinished run?)")
+            continue
+        records.append(_record(finished))
     if not records:
         where = ", ".join(str(p) for p in paths)
         raise BenchError(
@@ -220,6 +162,17 @@ def load_runs(paths: Iterable[str | Path], warn: Warn = _stderr) -> pd.DataFrame
             "with status 'complete'; run `bench run` first or pass the directory it wrote to"
         )
     return pd.DataFrame.from_records(records)
+
+
+def fact_columns(runs: Iterable[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(label, fact key) of every protocol fact: the harness's, then each learner fact label in the order
+    runs report them."""
+    labels: dict[str, str] = {}
+    for facts in runs:
+        for key in facts:
+            if key.startswith("describe."):
+                labels.setdefault(key[len("describe."):], key)
+    return list(HARNESS_FACTS) + list(labels.items())
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -243,6 +196,8 @@ class Cell:
     manifests: tuple[str, ...]
     runs: list[SeedRun]
     facts: dict[str, Any]
+    #: The plugin that produced the runs: distribution (or file), version, code hash (";"-joined if several).
+    plugin: dict[str, str] = field(default_factory=dict)
     #: Difference to the reference row; ``None`` when there is no reference, this is the reference row,
     #: or the reference has no run in this cell.
     diff: MeanCI | None = None
@@ -380,6 +335,7 @@ def build_table(
             manifests=tuple(sorted(set(group["manifest_hash"]))),
             runs=seed_runs,
             facts=group["facts"].iloc[0],
+            plugin={k: ";".join(sorted({str(v) for v in group[k] if v is not None})) for k in PLUGIN_COLUMNS},
         )
 
     learners = {c.row: c.learner for c in cells.values()}
@@ -413,7 +369,8 @@ def build_table(
             f"Reduced protocol: {', '.join(reduced_rows)} ran fewer meta-iterations than their preset; do not "
             "compare them with the paper's numbers."
         )
-    fact_missing = any(MISSING in c.facts.values() for c in cells.values())
+    keys = [key for _, key in fact_columns(c.facts for c in cells.values())]
+    fact_missing = any(c.facts.get(key, MISSING) == MISSING for c in cells.values() for key in keys)
     if fact_missing or any((row, column) not in cells for row in rows for column in columns):
         footnotes.append(
             f"{MISSING}: no finished run for this cell (in a Δ column: for this row or the reference); "
@@ -423,13 +380,14 @@ def build_table(
     # Protocol facts: in the caption when every run agrees, else one column per fact.
     fixed: dict[str, str] = {}
     notes: dict[str, dict[str, str]] = {}
-    for label, key in NOTE_FIELDS:
-        values = {c.facts[key] for c in cells.values()}
+    for label, key in fact_columns(c.facts for c in cells.values()):
+        values = {c.facts.get(key, MISSING) for c in cells.values()}
         if len(values) == 1:
             fixed[label] = values.pop()
             continue
         notes[label] = {
-            row: _summarize_facts({col: c.facts[key] for (r, col), c in cells.items() if r == row}) for row in rows
+            row: _summarize_facts({col: c.facts.get(key, MISSING) for (r, col), c in cells.items() if r == row})
+            for row in rows
         }
     return Table(rows, columns, cells, notes, _caption(cells.values(), fixed, resamples), footnotes, reference)
 
@@ -555,16 +513,19 @@ def frame_latex(frame: pd.DataFrame, caption: str, footnotes: Iterable[str] = ()
 CSV_COLUMNS = (
     "row", "learner", "way", "shot", "mean", "ci", "std", "n", "seeds", "manifest_hash",
     "reference", "diff", "diff_ci", "paired",
-    "split", "rotations", "query", "inner_steps", "order", "batchnorm",
 )  # fmt: skip
+#: Where a row's numbers come from, in the CSV: the plugin's distribution (or file), version, code hash.
+PLUGIN_COLUMNS = ("plugin", "plugin_version", "code_sha256")
 
 
 def csv_frame(table: Table) -> pd.DataFrame:
     """One row per (row, cell); ``mean, ci, std, diff, diff_ci`` in percent at full precision.
 
     ``n`` counts the accuracies behind ``mean`` (episodes x seeds); ``paired`` is empty without a reference
-    or on the reference row, else true/false; ``diff``/``diff_ci`` are empty unless paired.
+    or on the reference row, else true/false; ``diff``/``diff_ci`` are empty unless paired. Then the plugin
+    columns and one column per protocol fact (harness facts by key, learner facts by their label).
     """
+    facts = fact_columns(c.facts for c in table.cells.values())
     records = []
     for row in table.rows:
         for column in table.columns:
@@ -588,10 +549,13 @@ def csv_frame(table: Table) -> pd.DataFrame:
                     "diff": None if diff is None else 100 * diff.mean,
                     "diff_ci": None if diff is None else 100 * diff.ci,
                     "paired": cell.paired,
-                    **cell.facts,
+                    **cell.plugin,
+                    **{label if key.startswith("describe.") else key: cell.facts.get(key, MISSING)
+                       for label, key in facts},
                 }
             )
-    return pd.DataFrame.from_records(records, columns=list(CSV_COLUMNS))
+    fact_names = [label if key.startswith("describe.") else key for label, key in facts]
+    return pd.DataFrame.from_records(records, columns=[*CSV_COLUMNS, *PLUGIN_COLUMNS, *fact_names])
 
 
 def render_csv(table: Table) -> str:

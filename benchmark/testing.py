@@ -24,7 +24,7 @@ import torch
 
 from benchmark import hookimpl
 from benchmark.episodes import EpisodeBatch, LabeledBatch
-from benchmark.learner import Learner, RunContext
+from benchmark.learner import Episodes, Learner, RunContext
 
 IMAGE_SHAPE = (1, 28, 28)
 
@@ -96,7 +96,7 @@ def register_learner_plugin(pm: Any, *learner_classes: type, name: str | None = 
 
     Example::
 
-        from benchmark.plugins import get_plugin_manager, load_registry
+        from benchmark.harness.plugins import get_plugin_manager, load_registry
         pm = get_plugin_manager()
         register_learner_plugin(pm, MyLearner)
         assert load_registry(pm=pm).get("mine") is MyLearner   # also catches a name clash
@@ -125,9 +125,12 @@ def check_learner(
 ) -> dict[str, Any]:
     """Check that a learner keeps the contract the harness relies on; raise AssertionError if not.
 
-    Checks, in order: the class (Learner subclass, ``name``, frozen dataclass ``Config``); ``steps``
-    meta-train steps return finite scalar metrics; ``predict`` returns finite logits [T, N*Q, N] on
-    ``device`` and changes neither the state-dict tensors nor its inputs; the same seed gives identical
+    Checks, in order: the class (Learner subclass, ``name``, frozen dataclass ``Config`` whose fields have
+    defaults, help lines and supported types; ``training``, ``meta_train_step``, ``predict``, ``state_dict``
+    and ``load_state_dict`` defined); ``training()`` declares its phases; ``steps`` meta-train steps (on
+    the first phase's batch type) return finite scalar metrics; ``predict`` returns finite logits
+    [T, N*Q, N] on ``device`` and changes neither the state-dict tensors, nor the buffers of the learner's
+    ``torch.nn`` modules (batch-norm running statistics), nor its inputs; the same seed gives identical
     metrics and logits; the state dict holds only tensors and plain values (``torch.load(weights_only=True)``
     reads it) and a fresh learner that loads it predicts the same logits.
 
@@ -154,20 +157,27 @@ def check_learner(
     assert steps >= 2, "check_learner needs steps >= 2 to check resuming after the first step"
     device = torch.device(device)
     exact = device.type == "cpu"  # GPU kernels may reorder float sums between runs; CPU ones must not
-    context = RunContext(way, shot, query, device, seed=seed, num_train_classes=num_train_classes)
+    context = RunContext(way, shot, query, device, seed=seed, num_train_classes=num_train_classes, iterations=steps)
+    phase = _first_phase(learner_cls(config, context))
     train_batches = [
-        _train_batch(learner_cls, way, shot, query, tasks, num_train_classes, seed=1000 + i, device=device)
+        _train_batch(phase, way, shot, query, tasks, num_train_classes, seed=1000 + i, device=device)
         for i in range(steps)
     ]
     test = fake_episode_batch(way, shot, query, tasks, seed=2000, device=device)
     inputs = (test.support_x, test.support_y, test.query_x)
 
     learner, metrics = _train(learner_cls, config, context, train_batches)
-    params_before = _tensors(learner.state_dict())
+    params_before = state_tensors(learner.state_dict())
+    buffers_before = module_buffers(learner)
     inputs_before = [x.clone() for x in inputs]
     logits = learner.predict(*inputs)
     _check_logits(logits, test, device)
-    _check_unchanged(params_before, _tensors(learner.state_dict()))
+    _check_unchanged(params_before, state_tensors(learner.state_dict()))
+    changed = changed_tensors(buffers_before, module_buffers(learner))
+    assert not changed, (
+        f"predict changed the buffer {changed[0]!r} (e.g. batch-norm running statistics); predict must leave the "
+        "learner's modules alone: run them in eval mode or with torch.func.functional_call"
+    )
     for name, before, after in zip(("support_x", "support_y", "query_x"), inputs_before, inputs):
         assert torch.equal(before, after), f"predict modified its input {name} in place; work on a copy"
 
@@ -206,6 +216,9 @@ def check_learner(
 
 
 def _check_class(learner_cls: Any) -> None:
+    from benchmark.errors import PluginError
+    from benchmark.harness.plugins import check_learner_class
+
     assert isinstance(learner_cls, type) and issubclass(learner_cls, Learner), (
         f"{learner_cls!r} is not a subclass of benchmark.learner.Learner"
     )
@@ -214,15 +227,22 @@ def _check_class(learner_cls: Any) -> None:
     cfg = learner_cls.Config
     assert dataclasses.is_dataclass(cfg) and isinstance(cfg, type), f"{qual}.Config is not a dataclass"
     assert cfg.__dataclass_params__.frozen, f"{qual}.Config must be frozen: use @dataclass(frozen=True)"
-    assert learner_cls.train_data in ("episodes", "minibatches"), (
-        f"{qual}.train_data is {learner_cls.train_data!r}; use 'episodes' or 'minibatches'"
-    )
+    try:
+        check_learner_class(learner_cls, f"class {qual}")
+    except PluginError as exc:
+        raise AssertionError(str(exc)) from None
+
+
+def _first_phase(learner: Learner) -> Any:
+    phases = list(learner.training())
+    assert phases, f"{type(learner).__qualname__}.training() returned no phase; return e.g. [Episodes(tasks=32)]"
+    return phases[0]
 
 
 def _train_batch(
-    learner_cls: type, way: int, shot: int, query: int, tasks: int, classes: int, seed: int, device: torch.device
+    phase: Any, way: int, shot: int, query: int, tasks: int, classes: int, seed: int, device: torch.device
 ) -> EpisodeBatch | LabeledBatch:
-    if learner_cls.train_data == "minibatches":
+    if not isinstance(phase, Episodes):
         return fake_labeled_batch(4 * way, classes, seed=seed, device=device)
     return fake_episode_batch(way, shot, query, tasks, seed=seed, device=device)
 
@@ -265,18 +285,35 @@ def _check_logits(logits: Any, test: EpisodeBatch, device: torch.device) -> None
     assert bool(torch.isfinite(logits).all()), "predict returned non-finite logits (nan or inf)"
 
 
-def _tensors(state: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+def state_tensors(state: Any, prefix: str = "") -> dict[str, torch.Tensor]:
     """Every tensor in a (nested) state dict, cloned, by dotted path."""
     found: dict[str, torch.Tensor] = {}
     if isinstance(state, torch.Tensor):
         found[prefix or "<state>"] = state.detach().clone()
     elif isinstance(state, Mapping):
         for key, value in state.items():
-            found.update(_tensors(value, f"{prefix}.{key}" if prefix else str(key)))
+            found.update(state_tensors(value, f"{prefix}.{key}" if prefix else str(key)))
     elif isinstance(state, (list, tuple)):
         for i, value in enumerate(state):
-            found.update(_tensors(value, f"{prefix}.{i}" if prefix else str(i)))
+            found.update(state_tensors(value, f"{prefix}.{i}" if prefix else str(i)))
     return found
+
+
+def module_buffers(learner: Any) -> dict[str, torch.Tensor]:
+    """The buffers (e.g. batch-norm running statistics) of every ``torch.nn.Module`` the learner holds as an
+    attribute, cloned, by ``attribute.buffer`` name."""
+    found = {}
+    for attr, value in vars(learner).items():
+        if isinstance(value, torch.nn.Module):
+            for name, buf in value.named_buffers():
+                found[f"{attr}.{name}"] = buf.detach().clone()
+    return found
+
+
+def changed_tensors(before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names whose tensor differs (or vanished) between two snapshots."""
+    return [k for k in before if k not in after or before[k].shape != after[k].shape
+            or not torch.equal(before[k], after[k])]
 
 
 def _check_unchanged(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> None:
@@ -284,7 +321,7 @@ def _check_unchanged(before: dict[str, torch.Tensor], after: dict[str, torch.Ten
         f"predict changed the state dict's entries ({sorted(before.keys() ^ after.keys())}); predict must not "
         "change meta-parameters"
     )
-    changed = [k for k in before if before[k].shape != after[k].shape or not torch.equal(before[k], after[k])]
+    changed = changed_tensors(before, after)
     assert not changed, (
         f"predict changed meta-parameters {changed[:5]}; adapt a copy (e.g. a parameter dict) and leave the "
         "learner's own tensors untouched"

@@ -1,6 +1,6 @@
 """Baseline and Baseline++ of Chen et al. 2019, "A Closer Look at Few-shot Classification".
 
-Pre-training (``train_data = "minibatches"``): the conv4 backbone of ``benchmark.backbones`` plus a
+Pre-training (``Minibatches`` of labelled images): the conv4 backbone of ``benchmark.toolkit.conv4`` plus a
 classifier over *all* meta-train classes (rotations counted as classes), trained with Adam (lr 1e-3) on
 plain labelled minibatches. Batch norm uses the minibatch's statistics.
 
@@ -21,10 +21,9 @@ Heads (``-o head=...``):
   scale factor is required") and 2 otherwise (the episode head); so do we (``pretrain_scale``,
   ``episode_scale``).
 
-Batch norm at test time (``describe()["batchnorm"]``): ``bn=separate`` (default) normalises the support
+Batch norm at test time (``describe()["batch norm"]``): ``bn=separate`` (default) normalises the support
 set and the query set each with their own batch statistics, exactly as MAML does ("transductive"); with
-``bn=episode`` an episode's support and query images share one set of statistics. On real Omniglot
-(5-way 1-shot, 1200 pre-training steps, 100 episodes) the two gave 79.1% and 77.0%, within noise.
+``bn=episode`` an episode's support and query images share one set of statistics.
 
 Randomness: each test episode's head initialisation and minibatch order come from a generator seeded by
 the run's seed (``context.generator("finetune-head")``) and the episode's own content, so an episode's
@@ -33,48 +32,44 @@ prediction depends only on the weights and that episode, not on ``eval_batch_siz
 
 from __future__ import annotations
 
-import hashlib
 import math
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch.func import vmap
 
 from benchmark import hookimpl
-from benchmark.backbones import Params, conv4_features, init_conv4, load_training_state, training_state
+from benchmark.config import option
 from benchmark.episodes import LabeledBatch
-from benchmark.errors import ConfigError, ProtocolError
-from benchmark.learner import Learner, RunContext
+from benchmark.errors import ProtocolError
+from benchmark.learner import Learner, Minibatches, RunContext, seed_from
+from benchmark.toolkit.conv4 import Params, conv4_features, init_conv4, load_training_state, training_state
 
-HEADS = ("linear", "cosine")
-BN_MODES = ("episode", "separate")
 #: Added to feature norms in the cosine head, as in the authors' code.
 NORM_EPS = 1e-5
-
-
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
     """Baseline hyperparameters (defaults: Chen et al. 2019 and their released code)."""
 
-    head: str = field(default="linear", metadata=_help("classifier: linear (Baseline) or cosine (Baseline++)"))
-    batch_size: int = field(default=64, metadata=_help("images per pre-training minibatch"))
-    lr: float = field(default=1e-3, metadata=_help("Adam learning rate of pre-training"))
-    head_epochs: int = field(default=100, metadata=_help("passes over the support set when fitting a test head"))
-    head_batch_size: int = field(default=4, metadata=_help("support examples per test-head SGD step"))
-    head_lr: float = field(default=0.01, metadata=_help("SGD learning rate of the test head"))
-    head_momentum: float = field(default=0.9, metadata=_help("SGD momentum of the test head"))
-    head_dampening: float = field(default=0.9, metadata=_help("SGD momentum dampening of the test head"))
-    head_weight_decay: float = field(default=1e-3, metadata=_help("SGD weight decay of the test head"))
-    pretrain_scale: float = field(default=10.0, metadata=_help("cosine head scale over the meta-train classes"))
-    episode_scale: float = field(default=2.0, metadata=_help("cosine head scale of the test-episode head"))
-    bn: str = field(default="separate", metadata=_help("test batch norm: episode (support+query stats) or separate"))
-    eval_batch_size: int = field(default=25, metadata=_help("test episodes fitted at once in predict"))
+    head: Literal["linear", "cosine"] = option("linear", "classifier: linear (Baseline) or cosine (Baseline++)")
+    batch_size: int = option(64, "images per pre-training minibatch", min=1, max=100_000)
+    lr: float = option(1e-3, "Adam learning rate of pre-training", min=0, min_inclusive=False, max=1.0)
+    head_epochs: int = option(100, "passes over the support set when fitting a test head", min=1, max=10_000)
+    head_batch_size: int = option(4, "support examples per test-head SGD step", min=1)
+    head_lr: float = option(0.01, "SGD learning rate of the test head", min=0, min_inclusive=False, max=10.0)
+    head_momentum: float = option(0.9, "SGD momentum of the test head", min=0, max=1)
+    head_dampening: float = option(0.9, "SGD momentum dampening of the test head", min=0, max=1)
+    head_weight_decay: float = option(1e-3, "SGD weight decay of the test head", min=0)
+    pretrain_scale: float = option(10.0, "cosine head scale over the meta-train classes", min=0, min_inclusive=False)
+    episode_scale: float = option(2.0, "cosine head scale of the test-episode head", min=0, min_inclusive=False)
+    bn: Literal["separate", "episode"] = option(
+        "separate", "test batch norm: separate (support and query each with their own statistics) or episode "
+        "(support+query statistics)")
+    eval_batch_size: int = option(25, "test episodes fitted at once in predict", min=1, max=10_000)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -127,11 +122,7 @@ def episode_generators(context_generator: Callable[[str], torch.Generator], supp
     keys = torch.stack([quantized.sum(dim=(1, 2)), (quantized * positions).sum(dim=(1, 2))], dim=1).cpu().tolist()
     labels = support_y.cpu().tolist()
     base = int(torch.randint(0, 2**62, (1,), generator=context_generator("finetune-head")).item())
-    generators = []
-    for key, y in zip(keys, labels):
-        digest = hashlib.sha256(repr((base, key, y)).encode()).digest()
-        generators.append(torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1))
-    return generators
+    return [torch.Generator().manual_seed(seed_from(repr((base, key, y)))) for key, y in zip(keys, labels)]
 
 
 def fit_episode_heads(config: FinetuneConfig, support_f: torch.Tensor, support_y: torch.Tensor, way: int,
@@ -179,11 +170,10 @@ class Finetune(Learner):
 
     name = "finetune"
     Config = FinetuneConfig
-    train_data = "minibatches"
+    paper = "Chen et al. 2019, A Closer Look at Few-shot Classification (Baseline, Baseline++)"
 
     def __init__(self, config: FinetuneConfig, context: RunContext, *, dtype: torch.dtype = torch.float32) -> None:
         super().__init__(config, context)
-        _validate(config)
         if context.num_train_classes < 1:
             raise ProtocolError("finetune pre-trains over all meta-train classes but the run context has "
                                 "num_train_classes=0: build the RunContext from the training ClassPool")
@@ -198,12 +188,18 @@ class Finetune(Learner):
         self.params: Params = {k: v.requires_grad_(True) for k, v in params.items()}
         self.optimizer = torch.optim.Adam(list(self.params.values()), lr=config.lr)
 
+    def training(self) -> list[Minibatches]:
+        return [Minibatches(images=self.config.batch_size)]
+
+    @property
+    def eval_batch_size(self) -> int:
+        return self.config.eval_batch_size
+
     def describe(self) -> dict[str, Any]:
+        steps = self.config.head_epochs * -(-self.context.way * self.context.shot // self.config.head_batch_size)
         return {
-            "head": self.config.head,
-            "head_steps": self.config.head_epochs * -(-self.context.way * self.context.shot // self.config.head_batch_size),
-            "batchnorm": "transductive" if self.config.bn == "separate" else "transductive-episode",
-            "pretrain_batch_size": self.config.batch_size,
+            "batch norm": "transductive" if self.config.bn == "separate" else "transductive (support+query)",
+            "head": f"{self.config.head}, {steps} SGD steps",
         }
 
     def meta_train_step(self, batch: LabeledBatch) -> Mapping[str, torch.Tensor]:
@@ -242,16 +238,6 @@ class Finetune(Learner):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         load_training_state(self.params, self.optimizer, state)
-
-
-def _validate(config: FinetuneConfig) -> None:
-    if config.head not in HEADS:
-        raise ConfigError(f"unknown head {config.head!r}: use -o head=linear or -o head=cosine")
-    if config.bn not in BN_MODES:
-        raise ConfigError(f"unknown bn mode {config.bn!r}: use -o bn=episode or -o bn=separate")
-    for key in ("batch_size", "head_batch_size", "eval_batch_size"):
-        if getattr(config, key) < 1:
-            raise ConfigError(f"{key}={getattr(config, key)} must be at least 1: pass -o {key}=1 or more")
 
 
 @hookimpl

@@ -20,9 +20,8 @@ Speed switches (config fields; each is covered by the gradient-equivalence tests
 
 * ``cuda_graph`` (default on CUDA): the whole meta-update, Adam step included, is captured once in a CUDA
   graph and replayed (``benchmark.graphs.GraphedStep``); Adam runs with ``capturable=True``.
-* ``compile`` (default off): ``torch.compile`` of the vmapped meta-gradient. On 2 CPU cores it makes a
-  vmap step 1.25x (5-way 1-shot) to 1.5x (20-way 1-shot) faster but costs 75-340 s of compilation per
-  process, so it only pays for long runs; it stays off until measured on a GPU.
+* ``compile`` (default off): ``torch.compile`` of the vmapped meta-gradient. Compilation costs minutes once
+  per process (the README's performance section has the measurements), so it only pays for long runs.
 
 Paper defaults (``default_config``): 5-way: inner lr 0.4, 1 inner step, meta-batch 32; 20-way: inner lr
 0.1, 5 inner steps, meta-batch 16; Adam 1e-3. At test time we adapt for 10 steps: the paper's text says
@@ -43,13 +42,15 @@ import torch.nn.functional as F
 from torch.func import grad, grad_and_value, vmap
 
 from benchmark import hookimpl
-from benchmark.backbones import (
-    BN_EPS, DEPTH, Params, conv4_forward, init_conv4, load_training_state, training_state,
-)
+from benchmark.papers import Anchor, Paper, Preset, Quick
+from benchmark.config import option
 from benchmark.episodes import EpisodeBatch
 from benchmark.errors import ConfigError
 from benchmark.graphs import GraphedStep
-from benchmark.learner import Learner, RunContext
+from benchmark.learner import Episodes, Learner, RunContext
+from benchmark.toolkit.conv4 import (
+    BN_EPS, DEPTH, Params, conv4_forward, init_conv4, load_training_state, training_state,
+)
 
 # --------------------------------------------------------------------------------------------------------
 # Shared pieces (one task, pure functions)
@@ -132,7 +133,7 @@ def vectorized_adapted_logits(
 def reference_forward(params: Params, x: torch.Tensor) -> torch.Tensor:
     """conv4 logits [B, N] of x [B, 1, 28, 28] with native training-mode ``F.batch_norm`` (no running stats).
 
-    An independent implementation of ``benchmark.backbones.conv4_forward``, for tests and the loop path.
+    An independent implementation of ``benchmark.toolkit.conv4.conv4_forward``, for tests and the loop path.
     """
     h = x
     for i in range(1, DEPTH + 1):
@@ -195,37 +196,33 @@ def reference_adapted_logits(
 # --------------------------------------------------------------------------------------------------------
 
 
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
-
-
 @dataclass(frozen=True)
 class MAMLConfig:
     """MAML hyperparameters (defaults: the paper's 5-way Omniglot settings)."""
 
-    inner_lr: float = field(default=0.4, metadata=_help("SGD step size of the inner (adaptation) loop"))
-    inner_steps: int = field(default=1, metadata=_help("inner SGD steps during meta-training"))
-    test_inner_steps: int = field(default=10, metadata=_help("inner SGD steps when adapting to a test episode"))
-    meta_batch_size: int = field(default=32, metadata=_help("tasks per meta-update"))
-    meta_lr: float = field(default=1e-3, metadata=_help("Adam learning rate of the meta-update"))
-    first_order: bool = field(default=False, metadata=_help("drop second derivatives (first-order MAML)"))
-    eval_batch_size: int = field(default=25, metadata=_help("test episodes adapted at once in predict"))
-    vectorize: bool | None = field(default=None, metadata=_help(
+    inner_lr: float = option(0.4, "SGD step size of the inner (adaptation) loop", min=0, min_inclusive=False)
+    inner_steps: int = option(1, "inner SGD steps during meta-training", min=1, max=100)
+    test_inner_steps: int = option(10, "inner SGD steps when adapting to a test episode", min=0, max=1000)
+    meta_batch_size: int = option(32, "tasks per meta-update", min=1, max=100_000)
+    meta_lr: float = option(1e-3, "Adam learning rate of the meta-update", min=0, min_inclusive=False, max=1.0)
+    first_order: bool = option(False, "drop second derivatives (first-order MAML)")
+    eval_batch_size: int = option(25, "test episodes adapted at once in predict", min=1, max=10_000)
+    vectorize: bool | None = option(None, (
         "true: vmap over tasks; false: the per-task loop; none (default): vmap on CUDA, and on the CPU for tasks "
         "of at most 20 images (larger ones run faster in the loop)"))
-    cuda_graph: bool | None = field(default=None, metadata=_help(
+    cuda_graph: bool | None = option(None, (
         "capture the whole meta-update (Adam step included) in a CUDA graph and replay it; none (default): "
         "on when the device is CUDA"))
-    compile: bool = field(default=False, metadata=_help(
+    compile: bool = option(False, (
         "torch.compile the vmapped meta-gradient (needs vectorize); compilation costs minutes once per process "
-        "(75 s for 5-way 1-shot, 340 s for 20-way 1-shot on 2 CPU cores)"))
+        "(see the README's performance section)"))
 
 
 @dataclass(frozen=True)
 class FOMAMLConfig(MAMLConfig):
     """First-order MAML: the same hyperparameters with ``first_order`` on."""
 
-    first_order: bool = field(default=True, metadata=_help("drop second derivatives (first-order MAML)"))
+    first_order: bool = option(True, "drop second derivatives (first-order MAML)")
 
 
 GradientFn = Callable[[Params, EpisodeBatch, float, int, bool], tuple[Params, torch.Tensor, torch.Tensor]]
@@ -236,11 +233,13 @@ class MAML(Learner):
 
     name = "maml"
     Config = MAMLConfig
-    train_data = "episodes"
+    paper = "Finn, Abbeel & Levine 2017, Model-Agnostic Meta-Learning"
 
     def __init__(self, config: MAMLConfig, context: RunContext, *, dtype: torch.dtype = torch.float32) -> None:
         super().__init__(config, context)
-        _validate(config)
+        if context.train_way != context.way:
+            raise ConfigError(f"{self.name} has one output per class, so it trains and tests with the same way: "
+                              f"drop --train-way (got train way {context.train_way}, test way {context.way})")
         self.dtype = dtype
         self.params: Params = init_conv4(context.generator("init"), context.way, dtype=dtype, device=context.device)
         self.vectorized = config.vectorize if config.vectorize is not None else _vmap_is_faster(context)
@@ -261,18 +260,23 @@ class MAML(Learner):
             return cls.Config(inner_lr=0.1, inner_steps=5, meta_batch_size=16)
         return cls.Config(inner_lr=0.4, inner_steps=1, meta_batch_size=32)
 
+    def training(self) -> list[Episodes]:
+        return [Episodes(tasks=self.config.meta_batch_size)]
+
+    @property
+    def eval_batch_size(self) -> int:
+        return self.config.eval_batch_size
+
     def describe(self) -> dict[str, Any]:
         return {
             "order": "first" if self.config.first_order else "second",
-            "inner_steps_train": self.config.inner_steps,
-            "inner_steps_test": self.config.test_inner_steps,
-            "inner_lr": self.config.inner_lr,
-            "batchnorm": "transductive",
-            "meta_batch_size": self.config.meta_batch_size,
-            "tasks": "vmap" if self.vectorized else "loop",
-            "cuda_graph": self.graphed,
-            "compiled": self.config.compile,
+            "inner steps (train/test)": f"{self.config.inner_steps}/{self.config.test_inner_steps}",
+            "batch norm": "transductive",
         }
+
+    def implementation(self) -> dict[str, Any]:
+        return {"tasks": "vmap" if self.vectorized else "loop", "cuda graph": self.graphed,
+                "compiled": self.config.compile}
 
     @classmethod
     def reference_config(cls, config: MAMLConfig) -> MAMLConfig:
@@ -355,10 +359,8 @@ class FOMAML(MAML):
     Config = FOMAMLConfig
 
 
-#: On the CPU, vmap wins only while a task is small: `bench perf` on 2 cores (interleaved steps) gave a
-#: vmap/loop time of 0.5-0.65 at 5-way 1-shot 1-query (10 images per task), 0.85-1.15 at 20-way 1-shot
-#: 1-query (40; first order 1.15) and 1.5 at 5-way 1-shot 15-query (80), where the loop's fused native
-#: batch norm wins.
+#: On the CPU, vmap wins only while a task is small; above this the loop's fused native batch norm wins
+#: (`bench perf --ablation` measures both; the README's performance section has the figures).
 CPU_VMAP_MAX_IMAGES_PER_TASK = 20
 
 
@@ -399,15 +401,62 @@ def _validate_switches(config: MAMLConfig, context: RunContext, vectorized: bool
                           "-o compile=true")
 
 
-def _validate(config: MAMLConfig) -> None:
-    for key in ("inner_steps", "meta_batch_size", "eval_batch_size"):
-        if getattr(config, key) < 1:
-            raise ConfigError(f"{key}={getattr(config, key)} must be at least 1: pass -o {key}=1 or more")
-    if config.test_inner_steps < 0:
-        raise ConfigError("test_inner_steps must be >= 0: pass -o test_inner_steps=10 (the default)")
-
-
 @hookimpl
 def bench_register_learners(register: Callable[[type], None]) -> None:
     register(MAML)
     register(FOMAML)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The paper: Finn, Abbeel & Levine 2017, Omniglot (Table 1)
+# --------------------------------------------------------------------------------------------------------
+
+_FINN = "Finn, Abbeel & Levine 2017, Model-Agnostic Meta-Learning, arXiv:1703.03400v3, Table 1"
+_NICHOL = ("Nichol, Achiam & Schulman 2018, On First-Order Meta-Learning Algorithms (arXiv:1803.02999), Omniglot "
+           "table, row '1st-order MAML + Transduction'")
+
+
+def finn2017_preset(way: int, shot: int) -> Preset:
+    """The paper's Omniglot settings for one cell (see ``FINN2017_NOTES``)."""
+    maml = ({"inner_lr": 0.4, "inner_steps": 1, "meta_batch_size": 32} if way == 5 else
+            {"inner_lr": 0.1, "inner_steps": 5, "meta_batch_size": 16})
+    maml["test_inner_steps"] = 10
+    return Preset(
+        settings={"query": shot, "episodes": 600, "iterations": 60000, "protocol": "vinyals"},
+        learners={"maml": dict(maml), "fomaml": dict(maml)},
+        notes=FINN2017_NOTES,
+    )
+
+
+FINN2017_NOTES = (
+    "Class split: the Vinyals et al. split shipped with metabench (1028/172/423 characters), not the reference "
+    "code's random 1100/100/423 split; rotations by 90/180/270 degrees are classes of their own. Test tasks: a "
+    "fixed, hashed manifest of 600 episodes, identical for every learner."
+)
+
+FINN2017 = Paper(
+    name="finn2017",
+    title="Finn, Abbeel & Levine 2017 (MAML)",
+    learners=("maml", "fomaml", "finetune"),
+    cells=((5, 1), (5, 5), (20, 1), (20, 5)),
+    preset=finn2017_preset,
+    selection="last",
+    anchors=(
+        Anchor("maml", 5, 1, 98.7, 0.4, "95% CI over 600 test tasks", _FINN),
+        Anchor("maml", 5, 5, 99.9, 0.1, "95% CI over 600 test tasks", _FINN),
+        Anchor("maml", 20, 1, 95.8, 0.3, "95% CI over 600 test tasks", _FINN),
+        Anchor("maml", 20, 5, 98.9, 0.2, "95% CI over 600 test tasks", _FINN),
+        *(Anchor("fomaml", w, k, m, c, "± as printed (its kind is not stated where we could read it)", _NICHOL,
+                 verified=False, protocol="run by Nichol et al., not by the MAML reference code")
+          for (w, k), m, c in zip(((5, 1), (5, 5), (20, 1), (20, 5)), (98.3, 99.2, 89.4, 97.9), (0.5, 0.2, 0.5, 0.1))),
+    ),
+    notes="The fine-tune baseline has no published number on this protocol: we report ours.",
+    quick=Quick(cells=((5, 1),), settings={"iterations": 600, "val_every": 100, "checkpoint_every": 100},
+                learners={"maml": {"meta_batch_size": 8}, "fomaml": {"meta_batch_size": 8}},
+                description="600 iterations, meta-batch 8"),
+)
+
+
+@hookimpl
+def bench_register_papers(register: Callable[[object], None]) -> None:
+    register(FINN2017)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from benchmark.backbones import batch_norm, conv4_features, conv4_forward, init_conv4
+from benchmark.toolkit.conv4 import batch_norm, conv4_features, conv4_forward, init_conv4
 
 
 def _gen(seed: int = 0) -> torch.Generator:

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from benchmark.errors import PluginError
-from benchmark.learner import Learner
+from benchmark.learner import Episodes, Learner, Minibatches
 from benchmark.testing import check_learner, fake_episode_batch, fake_labeled_batch
 
 
 def _installed_learner_names() -> list[str]:
-    from benchmark.plugins import load_registry
+    from benchmark.harness.plugins import load_registry
 
     try:
         return load_registry().names()
@@ -30,7 +30,7 @@ _INSTALLED = _installed_learner_names()
     "name", _INSTALLED or [pytest.param(None, marks=pytest.mark.skip(reason="no learners installed"))]
 )
 def test_installed_learner_keeps_the_contract(name):
-    from benchmark.plugins import load_registry
+    from benchmark.harness.plugins import load_registry
 
     learner_cls = load_registry().get(name)
     result = check_learner(learner_cls, way=3, shot=1, query=2, steps=2)
@@ -50,6 +50,9 @@ class NearestMean(Learner):
     def __init__(self, config, context):
         super().__init__(config, context)
         self.scale = torch.ones((), device=context.device)
+
+    def training(self):
+        return [Episodes(tasks=1)]
 
     def _logits(self, support_x, support_y, query_x):
         way = self.context.way
@@ -137,6 +140,28 @@ class Nameless(NearestMean):
     name = ""
 
 
+class NoTraining(NearestMean):
+    training = Learner.training
+
+
+class NoHelp(NearestMean):
+    @dataclass(frozen=True)
+    class Config:
+        lr: float = 0.1
+
+
+class BatchNormInTrainMode(NearestMean):
+    """Predicts through a BatchNorm layer left in training mode: its running statistics move."""
+
+    def __init__(self, config, context):
+        super().__init__(config, context)
+        self.norm = torch.nn.BatchNorm1d(784)
+
+    def predict(self, support_x, support_y, query_x):
+        self.norm(query_x.flatten(0, 1).flatten(1))
+        return super().predict(support_x, support_y, query_x)
+
+
 @pytest.mark.parametrize(
     ("learner_cls", "match"),
     [
@@ -150,6 +175,9 @@ class Nameless(NearestMean):
         (MutatesInput, r"predict modified its input query_x in place"),
         (NotFrozen, r"Config must be frozen"),
         (Nameless, r"has no `name`"),
+        (NoTraining, r"does not define training"),
+        (NoHelp, r"Config field 'lr' has no help line"),
+        (BatchNormInTrainMode, r"predict changed the buffer 'norm.running_mean'"),
         (object, r"not a subclass of benchmark.learner.Learner"),
     ],
 )
@@ -200,7 +228,8 @@ def test_minibatch_learner_gets_labeled_batches():
     seen = []
 
     class Pretrain(NearestMean):
-        train_data = "minibatches"
+        def training(self):
+            return [Minibatches(images=64)]
 
         def meta_train_step(self, batch):
             seen.append(batch)

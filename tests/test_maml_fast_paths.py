@@ -26,7 +26,7 @@ import pytest
 import torch
 
 import plugins.maml as maml
-from benchmark.backbones import init_conv4
+from benchmark.toolkit.conv4 import init_conv4
 from benchmark.errors import ConfigError
 from benchmark.learner import RunContext
 from test_maml_gradients import RTOL64, fake_episodes, rel_error
@@ -49,7 +49,7 @@ def test_compile_needs_the_vectorized_path():
 
 def test_cuda_graph_defaults_to_the_device():
     config = maml.MAML.default_config(5, 1)
-    assert maml.MAML(config, RunContext(way=5, shot=1, query=1, device=CPU)).describe()["cuda_graph"] is False
+    assert maml.MAML(config, RunContext(way=5, shot=1, query=1, device=CPU)).implementation()["cuda graph"] is False
 
 
 def _compiled_against_loop(backend: str, first_order: bool) -> None:
@@ -181,7 +181,7 @@ def test_a_training_step_does_not_synchronize_the_host(cuda_graph):
 @pytest.mark.gpu
 @pytest.mark.realdata
 def test_sampling_on_the_device_does_not_synchronize_the_host(omniglot):
-    from benchmark.protocol import ClassPool, EpisodeSampler, EpisodeSpec, get_protocol
+    from benchmark.harness.protocol import ClassPool, EpisodeSampler, EpisodeSpec, get_protocol
 
     pool = ClassPool(omniglot, get_protocol("vinyals"), "train", torch.device("cuda"))
     sampler = EpisodeSampler(pool, EpisodeSpec(20, 1, 15), seed=0)

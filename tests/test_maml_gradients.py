@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import plugins.maml as maml
-from benchmark.backbones import init_conv4
+from benchmark.toolkit.conv4 import init_conv4
 from benchmark.episodes import EpisodeBatch
 from benchmark.learner import RunContext
 
@@ -121,17 +121,15 @@ def test_defaults_follow_the_paper():
     assert five.test_inner_steps == twenty.test_inner_steps == 10
     assert not five.first_order and maml.FOMAML.default_config(20, 5).first_order
     ctx = RunContext(way=5, shot=1, query=15, device=torch.device("cpu"))
-    assert maml.FOMAML(maml.FOMAML.default_config(5, 1), ctx).describe() == {
-        "order": "first", "inner_steps_train": 1, "inner_steps_test": 10, "inner_lr": 0.4,
-        "batchnorm": "transductive", "meta_batch_size": 32, "tasks": "loop", "cuda_graph": False,
-        "compiled": False,
-    }
+    learner = maml.FOMAML(maml.FOMAML.default_config(5, 1), ctx)
+    assert learner.describe() == {"order": "first", "inner steps (train/test)": "1/10", "batch norm": "transductive"}
+    assert learner.implementation() == {"tasks": "loop", "cuda graph": False, "compiled": False}
     # vmap by default on CUDA and for small CPU tasks; bench perf's reference is always the plain loop.
     reference = maml.MAML.reference_config(five)
     assert (reference.vectorize, reference.cuda_graph, reference.compile) == (False, False, False)
     assert five.vectorize is None and five.cuda_graph is None and five.compile is False
     small = RunContext(way=5, shot=1, query=1, device=torch.device("cpu"))
-    assert maml.MAML(five, small).describe()["tasks"] == "vmap"
+    assert maml.MAML(five, small).implementation()["tasks"] == "vmap"
 
 
 def test_predict_leaves_meta_parameters_unchanged(setup64):

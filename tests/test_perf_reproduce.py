@@ -7,7 +7,8 @@ import json
 import pytest
 
 from benchmark.cli import main
-from benchmark.reproduce import Anchor, comparison, load_anchors, mark, parse_cells
+from benchmark.papers import Anchor
+from benchmark.reporting.reproduce import comparison, mark, parse_cells
 from benchmark.errors import BenchError
 
 
@@ -52,55 +53,82 @@ def test_perf_of_a_learner_without_a_reference(omniglot_dir, capsys):
     assert [t["variant"] for t in report["training"]] == ["shipped"] and "speedup" not in report
 
 
+def _paper():
+    from benchmark.harness.plugins import load_registry
+
+    return load_registry().paper("finn2017")
+
+
 def test_anchors_are_the_published_table():
-    anchors = {(a.learner, a.way, a.shot): (a.mean, a.ci95) for a in load_anchors("finn2017")}
+    anchors = {(a.learner, a.way, a.shot): (a.mean, a.ci) for a in _paper().anchors}
     assert anchors[("maml", 20, 1)] == (95.8, 0.3) and anchors[("fomaml", 20, 1)] == (89.4, 0.5)
     assert len(anchors) == 8
+    fomaml = _paper().anchor("fomaml", 5, 1)
+    assert not fomaml.verified and fomaml.protocol  # measured by Nichol et al.: shown, never judged
 
 
-def test_marks_and_cells():
-    anchor = Anchor("maml", 20, 1, 95.8, 0.3, "paper")
-    assert [mark(x, anchor) for x in (95.5, 96.1, 95.49, 96.11)] == ["within", "within", "below", "above"]
-    assert parse_cells("5w1s, 20w5s") == [(5, 1), (20, 5)]
+def test_marks_compare_intervals_and_cells_parse():
+    anchor = Anchor("maml", 20, 1, 95.8, 0.3, "95% CI over 600 test tasks", "paper")
+    # |difference| within sqrt(ci_ours^2 + ci_published^2) = 0.5 for a 0.4 interval of ours.
+    assert [mark(x, 0.4, anchor, False) for x in (95.5, 96.3, 95.29, 96.31)] == ["within", "within", "below", "above"]
+    assert mark(90.0, 0.4, anchor, True) == "not compared (reduced)"
+    assert mark(90.0, 0.4, _paper().anchor("fomaml", 20, 1), False) == "not judged (other protocol)"
+    assert mark(90.0, 0.4, Anchor("x", 5, 1, 99.0, 0.1, "std over 3 seeds", "s"), False) == "not judged (no 95% CI)"
+    assert parse_cells("5w1s, 20w5s", _paper()) == [(5, 1), (20, 5)]
     with pytest.raises(BenchError, match="choose from 5w1s, 5w5s, 20w1s, 20w5s"):
-        parse_cells("5w2s")
+        parse_cells("5w2s", _paper())
 
 
 def _fake_run(root, learner, way, shot, accuracies, preset="finn2017", reduced=False):
     run = root / f"{learner}-{way}w{shot}s"
     run.mkdir(parents=True)
     (run / "config.json").write_text(json.dumps({
-        "learner": learner, "way": way, "shot": shot, "query": shot, "seed": 0, "iterations": 60000,
-        "preset": preset, "reduced": reduced, "manifest_hash": "m", "device_name": "NVIDIA H200",
+        "run": {"learner": learner, "way": way, "shot": shot, "query": shot, "train_way": way, "train_shot": shot,
+                "train_query": shot, "seed": 0, "iterations": 60000, "select": "last", "preset": preset,
+                "reduced": reduced, "learner_config": {}},
+        "manifest_hash": "m", "device_name": "NVIDIA H200",
         "protocol": {"name": "vinyals", "split_hash": "s", "rotations": [0, 90, 180, 270]}}))
     (run / "episodes.csv").write_text("episode,accuracy\n" + "".join(f"{i},{a}\n" for i, a in enumerate(accuracies)))
     (run / "summary.json").write_text(json.dumps({"status": "complete", "n": len(accuracies),
                                                   "manifest_hash": "m", "wall_time_s": 720.0}))
+    return run
 
 
 def test_comparison_puts_ours_beside_published_and_the_rest_pending(tmp_path):
     _fake_run(tmp_path, "maml", 20, 1, [0.96, 0.97, 0.95, 0.96])
     _fake_run(tmp_path, "fomaml", 20, 1, [0.5, 0.6, 0.5, 0.6], preset=None)  # not this preset: stays pending
-    result = comparison(tmp_path, "finn2017", ["maml", "fomaml"], [(20, 1), (5, 1)], "paper protocol")
-    rows = {(r["learner"], r["cell"]): r for r in result["rows"]}
+    started = _fake_run(tmp_path, "maml", 5, 1, [0.9])
+    (started / "summary.json").unlink()
+    (started / "train_log.csv").write_text("iteration,loss\n500,1.0\n1000,0.5\n")
+    result = comparison(tmp_path, _paper(), ["maml", "fomaml"], [(20, 1), (5, 1)], "paper protocol")
+    rows = {(r.learner, r.cell): r for r in result["rows"]}
     ours = rows[("maml", "20-way 1-shot")]
-    assert ours["published"] == "95.8 ± 0.3" and ours["ours"].startswith("96.00 ± ")
-    assert ours["mark"] == "within" and ours["wall time"] == "12.0 min" and ours["device"] == "NVIDIA H200"
-    assert rows[("fomaml", "20-way 1-shot")]["ours"] == "pending"
-    assert rows[("maml", "5-way 1-shot")]["mark"] == "pending"
-    assert "600 test episodes" in result["caption"] and "Finn" in result["caption"]
+    assert ours.published == "95.80 ± 0.30" and ours.ours.startswith("96.00 ± ")
+    assert ours.mark == "within" and ours.wall_time == "12.0 min" and ours.device == "NVIDIA H200"
+    assert rows[("fomaml", "20-way 1-shot")].ours == "pending"
+    assert rows[("maml", "5-way 1-shot")].mark == "pending"
+    assert rows[("maml", "5-way 1-shot")].ours == "running: 1000/60000 iterations"
+    assert "Finn" in result["caption"] and "95% CI over 600 test tasks" in result["caption"]
 
 
 def test_reproduce_table_only_shows_pending_cells(tmp_path, capsys):
     assert main(["reproduce", "finn2017", "--table-only", "--out", str(tmp_path)]) == 0
     table = (tmp_path / "table.md").read_text()
-    assert table.count("pending") == 2 * 12 and "98.7 ± 0.4" in table
+    assert table.count("pending") == 2 * 12 and "98.70 ± 0.40" in table and "(unverified)" in table
     assert (tmp_path / "table.tex").read_text().count(r"\\") >= 13
+
+
+def test_reproduce_lists_the_registered_papers(capsys):
+    assert main(["reproduce", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert "finn2017" in out and "maml" in out
+    assert main(["reproduce", "nopaper"]) == 2
+    assert "unknown paper 'nopaper'" in capsys.readouterr().err
 
 
 def test_reduced_runs_are_labelled_and_never_judged(tmp_path, capsys):
     _fake_run(tmp_path, "maml", 20, 1, [0.96, 0.97, 0.95, 0.96], reduced=True)
-    rows = comparison(tmp_path, "finn2017", ["maml"], [(20, 1)], "x")["rows"]
-    assert rows[0]["mark"] == "not compared (reduced)" and rows[0]["protocol"].startswith("reduced")
+    rows = comparison(tmp_path, _paper(), ["maml"], [(20, 1)], "x")["rows"]
+    assert rows[0].mark == "not compared (reduced)" and rows[0].protocol.startswith("reduced")
     assert main(["table", str(tmp_path)]) == 0
     assert "Reduced protocol: maml ran fewer meta-iterations" in capsys.readouterr().out

@@ -18,13 +18,13 @@ import pytest
 
 from benchmark.cli import main
 from benchmark.errors import PluginError
-from benchmark.plugins import get_plugin_manager, load_registry, plugin_report
+from benchmark.harness.plugins import get_plugin_manager, load_registry, plugin_report
 
 LEARNER_SOURCE = '''
 from dataclasses import dataclass, field
 
 from benchmark import hookimpl
-from benchmark.learner import Learner
+from benchmark.learner import Episodes, Learner
 
 
 class {cls}(Learner):
@@ -39,6 +39,9 @@ class {cls}(Learner):
     class Config:
         scale: float = field(default=1.0, metadata={{"help": "multiplies the logits"}})
         mode: str = field(default="mean", metadata={{"help": "how to pool"}})
+
+    def training(self):
+        return [Episodes(tasks=1)]
 
     def meta_train_step(self, batch):
         return {{}}
@@ -152,7 +155,8 @@ def test_broken_plugin_is_reported_and_others_still_work(fake_env, capsys):
     assert registry.names() == ["good"]
     [failed] = registry.failed
     assert (failed.name, failed.distribution, failed.status) == ("broken", "bench-broken", "failed")
-    assert failed.error == "ImportError: bench-broken needs the package frobnicate"
+    assert failed.error == ("ImportError: bench-broken needs the package frobnicate; fix or reinstall it, or skip it "
+                            "with BENCH_DISABLE_PLUGINS=broken")
     with pytest.raises(PluginError, match=r"unknown learner 'nope'; known learners: good.*failed to load: broken"):
         registry.get("nope")
 
@@ -177,7 +181,8 @@ def test_entry_point_whose_hook_raises_is_recorded_as_failed(fake_env):
     set_dists(FakeDistribution("d", "1", {"raising": raising, "good": good}))
     registry = load_registry()
     assert registry.names() == ["good"]
-    assert registry.failed[0].error == "RuntimeError in bench_register_learners: boom"
+    assert registry.failed[0].error == ("RuntimeError in bench_register_learners: boom; fix the plugin or skip it "
+                                        "with BENCH_DISABLE_PLUGINS=raising")
 
 
 @pytest.mark.parametrize("value", ["fake", " other , fake ", "*", "all"])
@@ -264,12 +269,21 @@ def test_misspelt_hook_fails_loudly_naming_plugin_and_hook(fake_env, tmp_path):
     assert "did you mean 'bench_register_learners'" in message and "fix the name" in message
 
 
-def test_misspelt_hook_in_an_installed_plugin_also_fails(fake_env):
+def test_misspelt_hook_in_an_installed_plugin_is_shown_as_failed(fake_env, capsys):
+    """An installed plugin with a misspelt hook must not stop every command: `bench plugins` shows what is
+    wrong (and how to skip the plugin), and the other plugins keep working."""
     make_module, set_dists = fake_env
-    module = make_module(learner_source("typo", hook="bench_register_learner"))
-    set_dists(FakeDistribution("bench-typo", "1.0", {"typo": module}))
-    with pytest.raises(PluginError, match=r"plugin 'typo' implements unknown hook 'bench_register_learner'"):
-        get_plugin_manager()
+    typo = make_module(learner_source("typo", hook="bench_register_learner"))
+    good = make_module(learner_source("good"))
+    set_dists(FakeDistribution("bench-typo", "1.0", {"typo": typo}), FakeDistribution("bench-good", "1.0", {"good": good}))
+    report = {r["name"]: r for r in plugin_report()}
+    assert report["typo"]["status"] == "failed" and report["good"]["status"] == "loaded"
+    assert "implements unknown hook 'bench_register_learner'" in report["typo"]["error"]
+    assert "did you mean 'bench_register_learners'" in report["typo"]["error"]
+    assert "BENCH_DISABLE_PLUGINS=typo" in report["typo"]["error"]
+    assert main(["plugins"]) == 0
+    assert "failed" in capsys.readouterr().out
+    assert load_registry().names() == ["good"]
 
 
 def test_hook_argument_with_a_default_is_rejected(fake_env, tmp_path):

@@ -8,7 +8,7 @@ import torch
 from benchmark.data import load_omniglot
 from benchmark.data.fake import make_fake_omniglot
 from benchmark.errors import ProtocolError
-from benchmark.protocol import (
+from benchmark.harness.protocol import (
     PROTOCOLS,
     ClassPool,
     EpisodeSampler,
@@ -62,7 +62,7 @@ def test_manifest_needs_at_least_one_episode(omniglot):
 
 
 def test_split_files_are_checked(monkeypatch):
-    from benchmark import protocol
+    from benchmark.harness import protocol
 
     monkeypatch.setitem(protocol.SPLIT_FILE_SHA256, ("vinyals", "val"), "0" * 64)
     with pytest.raises(Exception, match="reinstall metabench"):

@@ -43,11 +43,13 @@ def test_each_first_party_learner_runs_end_to_end(learner, tmp_path, omniglot_di
     run = only_run_dir(tmp_path)
     assert run.name.startswith(f"{learner}-5w1s-vinyals-seed0-")
     assert {p.name for p in run.iterdir()} == {
-        "config.json", "train_log.csv", "episodes.csv", "summary.json", "checkpoint.pt", "manifest.json"}
+        "config.json", "train_log.csv", "episodes.csv", "summary.json", "checkpoint.pt", "manifest.json", ".lock"}
     config = json.loads((run / "config.json").read_text())
-    for key in ("learner_config", "describe", "protocol", "manifest_hash", "torch_version", "device_name",
-                "metabench_version", "git_commit", "command"):
+    for key in ("run", "describe", "implementation", "plugin", "protocol", "manifest_hash", "torch_version",
+                "device_name", "metabench_version", "git_commit", "command"):
         assert key in config
+    assert config["run"]["learner"] == learner and config["run"]["learner_config"]
+    assert config["plugin"]["distribution"] == "metabench" and len(config["plugin"]["code_sha256"]) == 64
     assert config["protocol"]["name"] == "vinyals" and config["protocol"]["rotations"] == [0, 90, 180, 270]
     episodes = pd.read_csv(run / "episodes.csv")
     assert list(episodes.columns) == ["episode", "accuracy"] and episodes["episode"].tolist() == list(range(6))
@@ -143,8 +145,8 @@ def test_ctrl_c_checkpoints_and_says_how_to_resume(tmp_path, omniglot_dir):
         time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 2
-    assert "interrupted at iteration" in err and "run the same command again" in err
+    assert proc.returncode == 130
+    assert "interrupted (Ctrl-C) at iteration" in err and "run the same command again" in err
     assert not list(tmp_path.glob("*/summary.json"))
 
 
@@ -166,7 +168,7 @@ def test_ctrl_c_mid_window_then_resume_equals_an_unbroken_run(tmp_path, omniglot
     _, err = proc.communicate(timeout=120)
     if proc.returncode == 0:
         pytest.skip("the run finished before the interrupt arrived")
-    assert proc.returncode == 2, err
+    assert proc.returncode == 130, err
     resumed = subprocess.run(command, env=env, capture_output=True, text=True)
     assert resumed.returncode == 0 and "resumed from iteration" in resumed.stdout, resumed.stderr
     run, ref_run = only_run_dir(tmp_path / "stopped"), only_run_dir(tmp_path / "ref")
@@ -188,7 +190,7 @@ def test_ctrl_c_mid_window_then_resume_equals_an_unbroken_run(tmp_path, omniglot
         (["--learner", "fomaml", "-o", "nope=1"], "nope"),
         (["--learner", "fomaml", "--protocol", "omni"], "unknown protocol"),
         (["--learner", "fomaml", "--episodes", "0"], "at least 1"),
-        (["--learner", "fomaml", "-o", "meta_batch_size=0"], "meta_batch_size=0 must be at least 1"),
+        (["--learner", "fomaml", "-o", "meta_batch_size=0"], "option 'meta_batch_size' must be >= 1, got 0"),
         (["--learner", "fomaml", "--name", ".."], "must be one folder name"),
         (["--learner", "fomaml", "--device", "meta"], "unsupported device"),
     ],

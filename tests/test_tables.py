@@ -37,21 +37,19 @@ def write_run(
     """Write config.json, episodes.csv and summary.json in the format `bench run` writes."""
     run = root / name
     run.mkdir(parents=True)
-    default_describe = {"order": "second", "inner_steps_train": 1, "inner_steps_test": 10, "batchnorm": "transductive"}
+    default_describe = {"order": "second", "inner steps (train/test)": "1/10", "batch norm": "transductive"}
+    settings = {"way": way, "shot": shot, "query": 15, "train_way": way, "train_shot": shot, "train_query": 15,
+                "iterations": 60000, "episodes": len(accuracy), "episode_seed": 0, "protocol": "vinyals",
+                "select": "last", "val_every": 500, "val_episodes": 100, "seed": seed, "preset": None,
+                "reduced": False, "learner": learner,
+                "learner_config": {"inner_lr": 0.4} if learner_config is None else learner_config}
+    extra_run = {k: config_overrides.pop(k) for k in list(config_overrides) if k in settings}
     config = {
+        "run": {**settings, **extra_run},
         "metabench_version": "0.1.0",
-        "learner": learner,
-        "learner_config": {"inner_lr": 0.4} if learner_config is None else learner_config,
         "describe": default_describe if describe is None else describe,
         "protocol": {"name": "vinyals", "split_hash": "0123456789abcdef", "rotations": [0, 90, 180, 270]},
-        "way": way,
-        "shot": shot,
-        "query": 15,
-        "iterations": 60000,
-        "episodes": len(accuracy),
-        "seed": seed,
-        "preset": None,
-        "reduced": False,
+        "plugin": {"plugin": learner, "distribution": "metabench", "version": "0.1.0", "code_sha256": "c0de"},
         "manifest_hash": manifest,
         "device": "cpu",
         "device_name": "test",
@@ -109,7 +107,7 @@ def test_cells_are_mean_and_ci_in_percent(tmp_path: Path) -> None:
     assert rows["finetune"]["5-way 1-shot"] == "—"
     # Learners with different describe() facts get per-row protocol columns; shared facts go to the caption.
     assert rows["maml"]["order"] == "second" and rows["finetune"]["order"] == "—"
-    assert rows["maml"]["inner steps train/test"] == "1/10"
+    assert rows["maml"]["inner steps (train/test)"] == "1/10"
     assert rows["maml"]["batch norm"] == "transductive"
     assert "600 test episodes" in table.caption and "vinyals (01234567)" in table.caption
     assert "rotations 0/90/180/270" in table.caption and "queries/class 15" in table.caption
@@ -207,11 +205,17 @@ def test_incomplete_runs_are_skipped_with_a_note(tmp_path: Path) -> None:
     assert len(notes) == 2 and any("'running'" in n for n in notes) and any("episodes.csv" in n for n in notes)
 
 
-def test_corrupt_runs_are_errors(tmp_path: Path) -> None:
+def test_corrupt_runs_are_skipped_with_a_note_naming_the_file(tmp_path: Path) -> None:
     run = write_run(tmp_path, "bad", accuracies(42))
     (run / "episodes.csv").write_text("episode,accuracy\n0,97.5\n")  # percent instead of a fraction
-    with pytest.raises(BenchError, match=r"\[0, 1\]"):
-        load_runs([tmp_path])
+    write_run(tmp_path, "good", accuracies(43), learner="fomaml")
+    notes: list[str] = []
+    runs = load_runs([tmp_path], warn=notes.append)
+    assert list(runs["learner"]) == ["fomaml"]
+    assert len(notes) == 1 and "episodes.csv" in notes[0] and "[0, 1]" in notes[0]
+    (tmp_path / "good" / "summary.json").unlink()
+    with pytest.raises(BenchError, match="no finished runs"):
+        load_runs([tmp_path], warn=notes.append)
 
 
 def test_markdown_has_caption_and_csv_parses_back(tmp_path: Path) -> None:

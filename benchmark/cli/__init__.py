@@ -6,6 +6,7 @@ Each subcommand lives in its own module of this package and exposes a click comm
 
 from __future__ import annotations
 
+import errno
 import importlib
 import sys
 
@@ -56,16 +57,37 @@ def cli() -> None:
     """
 
 
+#: OS errors that are the machine's state, not a bug: reported in one line with the path and the fix.
+_STORAGE_ERRNOS = {errno.ENOSPC: "free some space or choose another --out", errno.EDQUOT: "free some space or "
+                   "choose another --out", errno.EROFS: "choose a writable --out", errno.EACCES: "check the "
+                   "permissions or choose another --out", errno.EPERM: "check the permissions or choose another --out"}
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``bench`` script: user errors become one line on stderr and exit code 2."""
-    from benchmark.errors import BenchError
+    """Entry point of the ``bench`` script: user errors become one line on stderr and exit code 2.
+
+    Exit codes: 0 success; 1 a check failed (``bench data``); 2 bad input or a fault (one line on stderr);
+    3 a run stopped by ``--time-limit``; 128+N a run stopped by signal N (130 Ctrl-C, 143 SIGTERM, 140
+    SIGUSR2). Stopped runs checkpointed first: the same command resumes them.
+    """
+    from benchmark.errors import BenchError, RunStopped
 
     try:
         # With standalone_mode off, click returns the exit code of click.exceptions.Exit instead of raising it.
         result = cli.main(args=argv, prog_name="bench", standalone_mode=False)
+    except RunStopped as exc:
+        click.echo(f"Stopped: {exc}", err=True)
+        return exc.exit_code
     except BenchError as exc:
         click.echo(f"Error: {exc}", err=True)
         return exc.exit_code
+    except OSError as exc:
+        if exc.errno not in _STORAGE_ERRNOS:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        click.echo(f"Error: {exc.strerror}{where}: {_STORAGE_ERRNOS[exc.errno]}; an interrupted run resumes "
+                   "when you run the same command again", err=True)
+        return 2
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
         return 130

@@ -6,16 +6,7 @@ import time
 
 import click
 
-data_dir_option = click.option(
-    "--data-dir",
-    type=click.Path(file_okay=False, path_type=str),
-    default=None,
-    envvar="BENCH_DATA_DIR",
-    show_envvar=True,
-    help="Folder with images_background.zip/images_evaluation.zip or their extracted folders "
-    "(default: the cache, else download).",
-)
-
+from benchmark.cli.options import data_dir_option
 
 def _checks(data) -> list[dict]:
     """Each verification as {name, ok, detail}."""

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
-from benchmark.cli.common import override_option, plugin_option
-from benchmark.cli.data import data_dir_option
+from benchmark.cli.options import data_dir_option, device_option, override_option, plugin_option
 
 
 @click.command("perf")
@@ -13,7 +14,7 @@ from benchmark.cli.data import data_dir_option
 @click.option("--way", type=int, default=5, show_default=True)
 @click.option("--shot", type=int, default=1, show_default=True)
 @click.option("--query", type=int, default=None, help="Query images per class (default: K, as in finn2017).")
-@click.option("--device", type=str, default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@device_option
 @click.option("--iterations", type=int, default=20, show_default=True, help="Timed meta-iterations per variant.")
 @click.option("--warmup", type=int, default=5, show_default=True, help="Untimed meta-iterations first (they cover compilation and CUDA-graph capture, which happens at the 4th step).")
 @click.option("--reference-iterations", type=int, default=None, help="Timed iterations of the slow reference (default: --iterations); steps are interleaved with the shipped learner's.")
@@ -38,75 +39,65 @@ def perf(learner_name, way, shot, query, device, iterations, warmup, reference_i
     Reports median ms per meta-iteration, iterations/s and peak memory for both, their ratio, and the time
     to evaluate the test episodes (with the learner's test-time adaptation steps).
     """
-    import datetime
-
-    from benchmark.cli.console import print_json, stdout_console
-    from benchmark.config import apply_overrides
-    from benchmark.data import load_omniglot
-    from benchmark.errors import BenchError, ConfigError
-    from benchmark.learner import RunContext
-    from benchmark.perf import time_evaluation, time_training
-    from benchmark.plugins import load_registry
-    from benchmark.protocol import ClassPool, EpisodeSpec, get_protocol
-    from benchmark.results import environment
-    from benchmark.runner import resolve_device
+    from benchmark.cli.console import print_json
+    from benchmark.errors import BenchError
+    from benchmark.harness.plan import RunRequest, plan_runs
 
     if iterations < 1 or warmup < 0:
         raise BenchError("--iterations must be at least 1 and --warmup at least 0")
-    learner_cls = load_registry(plugin_files).get(learner_name)
-    config = apply_overrides(learner_cls.default_config(way, shot), list(overrides))
-    spec = EpisodeSpec(way, shot, query if query is not None else shot)
-    spec.validate()
-    dev = resolve_device(device)
-    data = load_omniglot(data_dir)
-    protocol = get_protocol("vinyals")
-    train_pool, test_pool = ClassPool(data, protocol, "train", dev), ClassPool(data, protocol, "test", dev)
-    context = RunContext(way=way, shot=shot, query=spec.query, device=dev, seed=0,
-                         num_train_classes=train_pool.num_classes)
-
-    shipped = learner_cls(config, context)
-    report: dict = {
-        "learner": learner_name, "way": way, "shot": shot, "query": spec.query, "config": config.__dict__,
-        "describe": shipped.describe(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        **environment(dev),
-    }
-    variants = [("shipped", shipped)]
-    counts = [iterations]
-    ref_config = None if no_reference else learner_cls.reference_config(config)
-    if ref_config is not None:
-        variants.append(("per-task loop", learner_cls(ref_config, context)))
-        counts.append(reference_iterations or iterations)
-    if ablation:
-        report["skipped_variants"] = {}
-        for label, ablation_config in learner_cls.ablation_configs(config).items():
-            try:
-                learner = learner_cls(ablation_config, context)
-            except ConfigError as exc:  # e.g. a CUDA graph on the CPU
-                report["skipped_variants"][label] = str(exc)
-                continue
-            if learner.describe() == shipped.describe():
-                report["skipped_variants"][label] = "the same as shipped on this device"
-                continue
-            variants.append((label, learner))
-            counts.append(iterations)
-    timings = time_training(variants, train_pool, spec, counts, warmup, seed=0)
-    report["training"] = [t.as_dict() for t in timings]
-    if ref_config is not None:  # every variant's speed-up over the loop, from the same interleaved run
-        loop_ms = timings[1].median_ms
-        for row, timing in zip(report["training"], timings):
-            row["speedup_vs_loop"] = round(loop_ms / timing.median_ms, 2)
-        report["speedup"] = report["training"][0]["speedup_vs_loop"]
-    if eval_episodes > 0:
-        report["evaluation"] = time_evaluation(shipped, test_pool, spec, eval_episodes)
-
+    request = RunRequest(learner=learner_name, settings={"way": way, "shot": shot, "query": query or shot},
+                         overrides=overrides, device=device, data_dir=data_dir, plugin_files=plugin_files)
+    plans, session = plan_runs(request)
+    report = _measure(plans[0], session, iterations, warmup, reference_iterations or iterations, not no_reference,
+                      ablation, eval_episodes)
     if as_json:
         print_json(report)
-        return
+    else:
+        _print(report, warmup)
+
+
+def _measure(plan: Any, session: Any, iterations: int, warmup: int, reference_iterations: int, reference: bool,
+             ablation: bool, eval_episodes: int) -> dict[str, Any]:
+    import datetime
+
+    from benchmark.harness.protocol import EpisodeSpec
+    from benchmark.harness.provenance import environment
+    from benchmark.harness.runner import build_learner
+    from benchmark.learner import config_as_dict
+    from benchmark.perf import speedups, time_evaluation, time_training, variants_to_time
+
+    s = plan.settings
+    shipped = build_learner(plan, session)
+    report: dict[str, Any] = {
+        "learner": plan.learner, "way": s.way, "shot": s.shot, "query": s.query, "config": config_as_dict(plan.config),
+        "describe": shipped.describe(), "implementation": shipped.implementation(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **environment(session.device),
+    }
+    variants, skipped = variants_to_time(plan.learner_cls, plan.config, shipped.context, shipped,
+                                         reference=reference, ablation=ablation)
+    if ablation:
+        report["skipped_variants"] = skipped
+    counts = [reference_iterations if label == "per-task loop" else iterations for label, _ in variants]
+    spec = EpisodeSpec(s.way, s.shot, s.query)
+    timings = time_training(variants, session.pools.train, spec, counts, warmup, seed=0)
+    report["training"] = [t.as_dict() for t in timings]
+    speedup = speedups(report["training"], timings)
+    if speedup is not None:
+        report["speedup"] = speedup
+    if eval_episodes > 0:
+        report["evaluation"] = time_evaluation(shipped, session.pools.test, spec, eval_episodes)
+    return report
+
+
+def _print(report: dict[str, Any], warmup: int) -> None:
     from rich.table import Table
 
+    from benchmark.cli.console import stdout_console
+
     console = stdout_console()
-    console.print(f"{learner_name} {way}-way {shot}-shot, {spec.query} query/class, {report['device_name']} "
-                  f"({report['device']}), torch {report['torch_version']}", markup=False)
+    console.print(f"{report['learner']} {report['way']}-way {report['shot']}-shot, {report['query']} query/class, "
+                  f"{report['device_name']} ({report['device']}), torch {report['torch_version']}", markup=False)
     table = Table("variant", "median ms/iter", "iter/s", "peak MB", "x loop", "warm-up s")
     for t in report["training"]:
         ratio = f"{t['speedup_vs_loop']:.2f}" if "speedup_vs_loop" in t else "-"
@@ -117,9 +108,9 @@ def perf(learner_name, way, shot, query, device, iterations, warmup, reference_i
                   markup=False)
     for label, why in report.get("skipped_variants", {}).items():
         console.print(f"skipped {label}: {why}", markup=False)
-    shipped_t = report["training"][0]
-    console.print(f"sampling a meta-batch of {shipped_t['batch_size']}: {shipped_t['sampling_ms']:.2f} ms "
-                  f"({100 * shipped_t['sampling_share']:.1f}% of a meta-iteration)", markup=False)
+    shipped = report["training"][0]
+    console.print(f"sampling a meta-batch of {shipped['batch_size']}: {shipped['sampling_ms']:.2f} ms "
+                  f"({100 * shipped['sampling_share']:.1f}% of a meta-iteration)", markup=False)
     if "speedup" in report:
         console.print(f"shipped is {report['speedup']:.2f}x the per-task loop", markup=False)
     if "evaluation" in report:

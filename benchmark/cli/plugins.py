@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from benchmark.cli.common import plugin_option
+from benchmark.cli.options import plugin_option
 from benchmark.cli.console import print_json, stderr_console, stdout_console
 
 
@@ -25,7 +25,7 @@ def plugins(as_json: bool, plugin_files: tuple[str, ...]) -> None:
     Plugins that failed to import are listed with their error; BENCH_DISABLE_PLUGINS=name1,name2 (or "all")
     skips installed plugins.
     """
-    from benchmark.plugins import plugin_report
+    from benchmark.harness.plugins import plugin_report
 
     records = plugin_report(plugin_files)
     if as_json:
@@ -35,13 +35,14 @@ def plugins(as_json: bool, plugin_files: tuple[str, ...]) -> None:
     from rich.text import Text
 
     table = Table(title="Plugins")
-    for column in ("plugin", "distribution", "version", "status", "learners"):
+    for column in ("plugin", "distribution", "version", "status", "learners", "papers"):
         table.add_column(column)
     for r in records:
         status = r["status"] if r["status"] != "failed" else f"failed: {r['error']}"
         table.add_row(
             Text(r["name"]), Text(r["distribution"] or r["source"]), Text(r["version"] or ""),
             Text(status, style="red" if r["status"] == "failed" else ""), Text(", ".join(r["learners"])),
+            Text(", ".join(r["papers"])),
         )
     if not records:
         stderr_console().print("No plugins found: install one, or pass --plugin FILE.py.", markup=False)
@@ -61,7 +62,7 @@ def learners(name: str | None, as_json: bool, way: int, shot: int, plugin_files:
     bench learners                 every learner, its plugin and a one-line description
     bench learners maml            maml's options (-o KEY=VALUE), with types, defaults and help
     """
-    from benchmark.plugins import load_registry
+    from benchmark.harness.plugins import load_registry
 
     registry = load_registry(plugin_files)
     _warn_failed(registry)
@@ -96,7 +97,7 @@ def _summary(registry: Any, name: str) -> dict[str, Any]:
         "distribution": record.distribution,
         "version": record.version,
         "file": record.file,
-        "train_data": getattr(cls, "train_data", ""),
+        "paper": getattr(cls, "paper", ""),
         "description": doc.strip().splitlines()[0] if doc.strip() else "",
         "doc": doc,
     }
@@ -115,10 +116,10 @@ def _print_learner_table(rows: list[dict[str, Any]]) -> None:
     from rich.text import Text
 
     table = Table(title="Learners")
-    for column in ("learner", "plugin", "trains on", "description"):
+    for column in ("learner", "plugin", "paper", "description"):
         table.add_column(column)
     for row in rows:
-        table.add_row(Text(row["name"]), Text(_origin(row)), Text(row["train_data"]), Text(row["description"]))
+        table.add_row(Text(row["name"]), Text(_origin(row)), Text(row["paper"]), Text(row["description"]))
     if not rows:
         stderr_console().print("No learners found: install a plugin, or pass --plugin FILE.py.", markup=False)
     stdout_console().print(table)
@@ -135,10 +136,11 @@ def _print_learner_detail(info: dict[str, Any]) -> None:
     console.print("")
     shape = info["defaults_for"]
     table = Table(title=f"Options (-o KEY=VALUE); defaults for {shape['way']}-way {shape['shot']}-shot")
-    for column in ("option", "type", "default", "help"):
+    for column in ("option", "type", "default", "range", "help"):
         table.add_column(column)
     for f in info["fields"]:
-        table.add_row(Text(f["name"]), Text(f["type"]), Text(json.dumps(f["default"], default=str)), Text(f["help"]))
+        table.add_row(Text(f["name"]), Text(f["type"]), Text(json.dumps(f["default"], default=str)),
+                      Text(f.get("range", "")), Text(f["help"]))
     if not info["fields"]:
         console.print("This learner has no options.", markup=False)
     else:

@@ -23,6 +23,7 @@ import torch
 from benchmark.data.omniglot import DRAWINGS, OmniglotImages
 from benchmark.episodes import EpisodeBatch, LabeledBatch
 from benchmark.errors import DataError, ProtocolError
+from benchmark.learner import seed_from
 
 SPLITS = ("train", "val", "test")
 
@@ -111,8 +112,7 @@ def get_protocol(name: str) -> Protocol:
 
 def derive_seed(*parts: object) -> int:
     """A 63-bit seed from any parts: stable across runs, processes and platforms (no Python hash())."""
-    digest = hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    return seed_from(json.dumps([str(p) for p in parts]))
 
 
 @dataclass(frozen=True)
@@ -370,3 +370,34 @@ class Manifest:
         if obj.get("hash") and obj["hash"] != m.hash:
             raise ProtocolError(f"manifest content hash {m.hash[:12]}… does not match its recorded {obj['hash'][:12]}…")
         return m
+
+
+@dataclass
+class Pools:
+    """The three splits of a protocol on the run's device."""
+
+    train: ClassPool
+    val: ClassPool
+    test: ClassPool
+
+
+def load_pools(data: OmniglotImages, protocol: Protocol, device: torch.device) -> Pools:
+    return Pools(*(ClassPool(data, protocol, split, device) for split in SPLITS))
+
+
+def make_sampler(phase, pool: ClassPool, spec: EpisodeSpec, seed: int, index: int = 0) -> EpisodeSampler | MinibatchSampler:
+    """The sampler of one training phase (``benchmark.learner.Episodes`` or ``Minibatches``).
+
+    Phase 0 keeps the purposes "train" and "minibatch" alone, so a single-phase run draws exactly what it
+    always drew; later phases get their own streams.
+    """
+    from benchmark.learner import Minibatches
+
+    if isinstance(phase, Minibatches):
+        return MinibatchSampler(pool, phase.images, seed, purpose="minibatch" if index == 0 else f"minibatch:{index}")
+    return EpisodeSampler(pool, spec, seed, purpose="train" if index == 0 else f"train:{index}")
+
+
+def draw(sampler: EpisodeSampler | MinibatchSampler, phase) -> EpisodeBatch | LabeledBatch:
+    """One training batch of ``phase`` from its sampler."""
+    return sampler.sample() if isinstance(sampler, MinibatchSampler) else sampler.sample(phase.tasks)

@@ -1,0 +1,70 @@
+"""The device a run uses: resolving ``--device``, synchronizing, and reading memory peaks (runner and perf)."""
+
+from __future__ import annotations
+
+import torch
+
+from benchmark.errors import BenchError
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks the GPU when there is one; an absent CUDA device is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise BenchError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BenchError(f"--device {name} asked for a CUDA GPU, but torch sees none; use --device cpu (or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise BenchError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
+    return device
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: peak allocated since the last reset. CPU: the process's peak resident set so far (a high-water
+    mark for the whole process)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def peak_reserved_mb(device: torch.device) -> float | None:
+    """CUDA: peak memory held by the caching allocator since the last reset (it counts a CUDA graph's private
+    pool, which allocated-memory peaks miss). CPU: None."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_reserved(device) / 2**20
+    return None
+
+
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Memory a run can still take on ``device``: free GPU memory, or the host's available memory (Linux
+    ``MemAvailable``); None when unknown."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None

@@ -1,0 +1,1 @@
+"""Reporting: statistics, tables and reproductions of papers, read from finished run directories."""
