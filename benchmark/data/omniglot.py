@@ -122,12 +122,16 @@ def _decode_chunk(args) -> "list":
         _Unreadable: a member that cannot be read or decoded.
     """
     kind, container, members = args
-    member = None
+    member, out = None, []  # a loop, not a comprehension: the handler names the member that failed
     try:
         if kind == "zip":
             with zipfile.ZipFile(container) as zf:
-                return [_decode_png(zf.read(member)) for member in members]
-        return [_decode_png(Path(member).read_bytes()) for member in members]
+                for member in members:
+                    out.append(_decode_png(zf.read(member)))
+        else:
+            for member in members:
+                out.append(_decode_png(Path(member).read_bytes()))
+        return out
     except Exception as exc:  # noqa: BLE001
         # Only reading and decoding run in this block, and bad bytes surface as many types: BadZipFile (CRC),
         # zlib.error, EOFError, OSError and UnidentifiedImageError, SyntaxError ("broken PNG file"), ValueError.
