@@ -231,7 +231,7 @@ def content_hash(images, characters) -> str:
     """sha256 of the character names and the decoded pixels."""
     h = hashlib.sha256()
     h.update("\n".join(characters).encode())
-    h.update(images.contiguous().numpy().tobytes())
+    h.update(images.contiguous().numpy().data)  # the buffer itself: tobytes() would copy 25 MB first
     return h.hexdigest()
 
 
