@@ -22,6 +22,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmark.data.cache import CacheDir, Warn, warn_on_stderr
 from benchmark.data.sources import SETS, Sources, cache_root, find_sources
 from benchmark.errors import DataError
 from benchmark.results import atomic_torch_save, atomic_write_json
@@ -70,11 +71,18 @@ class OmniglotImages:
 
 
 def _list_pngs(source) -> dict[str, list[tuple[str, str]]]:
-    """Map character path -> sorted list of (file name, member or path) for one source."""
+    """Map character path -> sorted list of (file name, member or path) for one source.
+
+    Raises:
+        DataError: a zip that cannot be opened (truncated, not a zip).
+    """
     chars: dict[str, list[tuple[str, str]]] = {}
     if source.kind == "zip":
-        with zipfile.ZipFile(source.path) as zf:
-            names = zf.namelist()
+        try:
+            with zipfile.ZipFile(source.path) as zf:
+                names = zf.namelist()
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise _invalid_source("zip", str(source.path), _short_reason(None, exc)) from None
         for n in names:
             m = _PNG.match(n)
             if m and m.group(1) == source.set_name:
@@ -99,32 +107,62 @@ def _decode_png(data: bytes):
     return 255 - pixels
 
 
+class _Unreadable(Exception):
+    """A source file that a worker could not read or decode: (kind, container, short reason).
+
+    Workers raise it instead of the original error so that the parent, which receives it pickled, knows which
+    zip or folder is at fault and can turn it into one ``DataError`` line.
+    """
+
+
 def _decode_chunk(args) -> "list":
-    """Decode a list of (kind, container, member) triples in a worker process."""
-    kind, container, members = args
-    out = []
-    if kind == "zip":
-        with zipfile.ZipFile(container) as zf:
-            for member in members:
-                out.append(_decode_png(zf.read(member)))
-    else:
-        for member in members:
-            out.append(_decode_png(Path(member).read_bytes()))
-    return out
-
-
-def decode_sources(sources: Sources, *, workers: int | None = None):
-    """Decode every drawing of both sets.
-
-    Returns:
-        (images uint8 tensor [C, 20, 28, 28], character names)
+    """Decode a list of (kind, container, member) triples in a worker process.
 
     Raises:
-        DataError: a character without exactly 20 drawings, or no characters at all.
+        _Unreadable: a member that cannot be read or decoded.
     """
-    import numpy as np
-    import torch
+    kind, container, members = args
+    member, out = None, []  # a loop, not a comprehension: the handler names the member that failed
+    try:
+        if kind == "zip":
+            with zipfile.ZipFile(container) as zf:
+                for member in members:
+                    out.append(_decode_png(zf.read(member)))
+        else:
+            for member in members:
+                out.append(_decode_png(Path(member).read_bytes()))
+        return out
+    except Exception as exc:  # noqa: BLE001
+        # Only reading and decoding run in this block, and bad bytes surface as many types: BadZipFile (CRC),
+        # zlib.error, EOFError, OSError and UnidentifiedImageError, SyntaxError ("broken PNG file"), ValueError.
+        shown = member if kind == "zip" or member is None else os.path.relpath(member, container)
+        raise _Unreadable(kind, container, _short_reason(shown, exc)) from None
 
+
+def _short_reason(member: str | None, exc: BaseException) -> str:
+    """One short line: the member at fault (unless the message names it) and what was wrong with it."""
+    from PIL import UnidentifiedImageError
+
+    text = "not an image" if isinstance(exc, UnidentifiedImageError) else (str(exc).splitlines() or [""])[0]
+    text = text[:160] or type(exc).__name__
+    if member is None or Path(member).name in text:
+        return text
+    return f"{member}: {text}"
+
+
+def _invalid_source(kind: str, container: str, reason: str) -> DataError:
+    if kind == "zip":
+        return DataError(
+            f"{container} is not a valid Omniglot zip ({reason}): download it again (or `bench data` downloads it)"
+        )
+    return DataError(
+        f"{container} is not a valid Omniglot folder ({reason}): extract it again from the original zip "
+        "(or `bench data` downloads the zips)"
+    )
+
+
+def _decode_jobs(sources: Sources) -> tuple[list[tuple[str, str, list[str]]], list[str]]:
+    """(one (kind, container, members) job per character, character names), in cache order."""
     jobs, characters = [], []
     for source in sources.files:
         chars = _list_pngs(source)
@@ -139,20 +177,52 @@ def decode_sources(sources: Sources, *, workers: int | None = None):
             jobs.append((source.kind, str(source.path), [member for _, member in files]))
     if not characters:
         raise DataError(f"no Omniglot PNGs found under {sources.root}")
-    workers = workers or min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1, 8)
-    # One job per character keeps each worker's zip handle busy; chunk them to amortize process overhead.
+    return jobs, characters
+
+
+def _chunks(jobs: list, workers: int) -> list[tuple[str, str, list[str]]]:
+    """Group per-character jobs into chunks that amortize process overhead; a chunk never mixes containers
+    (a worker opens one zip per chunk)."""
     chunk = max(1, len(jobs) // (workers * 8))
-    # A chunk never mixes containers (a worker opens one zip per chunk).
     grouped = []
     for i in range(0, len(jobs), chunk):
         batch = jobs[i : i + chunk]
         for kind, container in dict.fromkeys((k, c) for k, c, _ in batch):
             grouped.append((kind, container, [m for k, c, ms in batch if (k, c) == (kind, container) for m in ms]))
-    if workers > 1 and len(grouped) > 1:
+    return grouped
+
+
+def _decode_chunks(grouped: list, workers: int) -> list:
+    """Decode every chunk, in worker processes when there are several; a bad file becomes a ``DataError``."""
+    try:
+        if workers <= 1 or len(grouped) <= 1:
+            return [a for g in grouped for a in _decode_chunk(g)]
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            decoded = [a for part in pool.map(_decode_chunk, grouped) for a in part]
-    else:
-        decoded = [a for g in grouped for a in _decode_chunk(g)]
+            try:
+                return [a for part in pool.map(_decode_chunk, grouped) for a in part]
+            except _Unreadable:
+                pool.shutdown(cancel_futures=True)  # the decode has failed: do not finish the other chunks
+                raise
+    except _Unreadable as exc:
+        raise _invalid_source(*exc.args) from None
+
+
+def decode_sources(sources: Sources, *, workers: int | None = None):
+    """Decode every drawing of both sets.
+
+    Returns:
+        (images uint8 tensor [C, 20, 28, 28], character names)
+
+    Raises:
+        DataError: a character without exactly 20 drawings, no characters at all, or a zip, PNG or folder
+            that cannot be read or decoded.
+    """
+    import numpy as np
+    import torch
+
+    jobs, characters = _decode_jobs(sources)
+    workers = workers or min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1, 8)
+    decoded = _decode_chunks(_chunks(jobs, workers), workers)
     images = torch.from_numpy(np.stack(decoded)).reshape(len(characters), DRAWINGS, IMAGE_SIZE, IMAGE_SIZE)
     return images, characters
 
@@ -161,7 +231,7 @@ def content_hash(images, characters) -> str:
     """sha256 of the character names and the decoded pixels."""
     h = hashlib.sha256()
     h.update("\n".join(characters).encode())
-    h.update(images.contiguous().numpy().tobytes())
+    h.update(images.contiguous().numpy().data)  # the buffer itself: tobytes() would copy 25 MB first
     return h.hexdigest()
 
 
@@ -175,6 +245,7 @@ def load_omniglot(
     *,
     download: bool = True,
     strict: bool = True,
+    warn: Warn | None = None,
 ) -> OmniglotImages:
     """Find, decode (once) and return Omniglot.
 
@@ -183,31 +254,25 @@ def load_omniglot(
         download: allow downloading the original zips when nothing is found.
         strict: require the real data set (1623 characters, known content hash). Tests of the reading code
             pass ``strict=False`` to load a small fake tree.
-    """
-    import torch
+        warn: receives one line per warning (a damaged cache rebuilt, an unwritable cache); default stderr.
 
+    Raises:
+        DataError: no data, data that cannot be decoded, or (``strict``) data that is not the real set.
+    """
+    cache = CacheDir(cache_root(), warn or warn_on_stderr)
+    cache.tidy()
+    damaged = None
     if data_dir is None and not os.environ.get("BENCH_DATA_DIR"):
-        verified = _load_verified_decode()
+        verified, damaged = _load_verified_decode(cache)
         if verified is not None:
             return verified
-    sources = find_sources(data_dir, download=download)
+    sources = _find_sources_for(data_dir, download, damaged)
+    if strict:
+        _refuse_unknown_zips(sources)
     path = cache_file_for(sources)
-    data, from_cache = None, False
-    if path.is_file():
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-            from_cache = True
-        except Exception:  # a truncated or foreign file: rebuild it
-            data = None
-    if data is None:
-        images, characters = decode_sources(sources)
-        data = {
-            "format": PREPROCESS_VERSION,
-            "images": images,
-            "characters": list(characters),
-            "content_sha256": content_hash(images, characters),
-        }
-        atomic_torch_save(path, data)
+    if damaged is not None and damaged[0] != path:
+        cache.warn(f"warning: the Omniglot cache {damaged[0]} is damaged ({damaged[1]}); using {sources.root}")
+    data, from_cache = _load_or_build(path, sources, cache)
     result = OmniglotImages(
         images=data["images"],
         characters=tuple(data["characters"]),
@@ -223,46 +288,132 @@ def load_omniglot(
             f"{sources.root} is not the complete data set: {'; '.join(problems)}. Download it again"
         )
     if not problems:
-        _remember_verified_decode(path)
+        _remember_verified_decode(path, cache)
     return result
+
+
+def _find_sources_for(data_dir, download: bool, damaged: tuple[Path, str] | None) -> Sources:
+    """``find_sources``, whose error also says when a damaged cache is why the sources were needed."""
+    try:
+        return find_sources(data_dir, download=download)
+    except DataError as exc:
+        if damaged is None:
+            raise
+        raise DataError(f"the Omniglot cache {damaged[0]} is damaged ({damaged[1]}) and cannot be rebuilt: {exc}") from None
+
+
+def _refuse_unknown_zips(sources: Sources) -> None:
+    """Strict loads refuse a zip of unknown checksum before spending seconds decoding it: ``verify`` would
+    refuse it afterwards anyway. (``bench data`` still decodes it, to report whether the pixels are real.)"""
+    for f in sources.files:
+        if f.kind == "zip" and f.checksum_status == "unknown":
+            raise DataError(
+                f"{f.path} is not a known Omniglot zip (its checksum matches neither the original md5 nor the "
+                "known repack sha256): download it again (or `bench data` downloads it)"
+            )
+
+
+def _load_or_build(path: Path, sources: Sources, cache: CacheDir) -> tuple[dict, bool]:
+    """(the cached data, True) when ``path`` holds an intact decode of ``sources``; else decode, cache and
+    return (data, False). The decode runs under the cache lock, so concurrent commands decode once."""
+    data, _ = _read_cache(path)
+    if data is not None:
+        return data, True
+    with cache.locked():
+        # Another command may have built it while we waited for the lock.
+        data, problem = _read_cache(path)
+        if data is not None:
+            return data, True
+        if problem is not None:
+            cache.warn(f"warning: the Omniglot cache {path} is damaged ({problem}); decoding {sources.root} again")
+        images, characters = decode_sources(sources)
+        data = {
+            "format": PREPROCESS_VERSION,
+            "images": images,
+            "characters": list(characters),
+            "content_sha256": content_hash(images, characters),
+        }
+        cache.write(lambda: atomic_torch_save(path, data))
+    return data, False
+
+
+def _read_cache(path: Path) -> tuple[dict | None, str | None]:
+    """(data, None) when ``path`` holds an intact decode; (None, what is wrong) when it is damaged;
+    (None, None) when there is none.
+
+    The content hash is recomputed on every load (about 20 ms for the real data on 2 CPU cores): a flipped bit in the file
+    would otherwise train every later run on wrong pixels.
+    """
+    import torch
+
+    if not path.is_file():
+        return None, None
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - truncated or foreign files fail in many ways (zip, pickle, EOF, OS)
+        return None, "not a readable cache file"
+    return _cache_problem(data)
+
+
+def _cache_problem(data) -> tuple[dict | None, str | None]:
+    """``_read_cache``'s answer for a loaded object: is it our format, and do its pixels match their hash?"""
+    import torch
+
+    # A foreign file may hold any object that torch's weights-only unpickler allows: check before indexing.
+    images, characters = (data.get("images"), data.get("characters")) if isinstance(data, dict) else (None, None)
+    well_formed = (
+        isinstance(images, torch.Tensor)
+        and isinstance(characters, list)
+        and data.get("format") == PREPROCESS_VERSION
+        and images.dtype == torch.uint8
+        and tuple(images.shape) == (len(characters), DRAWINGS, IMAGE_SIZE, IMAGE_SIZE)
+        and all(isinstance(c, str) for c in characters)
+    )
+    if not well_formed:
+        return None, f"not a {PREPROCESS_VERSION} cache file"
+    if content_hash(images, characters) != data.get("content_sha256"):
+        return None, "its pixels do not match their content hash"
+    return data, None
 
 
 #: Names the cache file of the last verified real decode (written by any successful load of the real data).
 VERIFIED_POINTER = "omniglot28-verified.json"
 
 
-def _remember_verified_decode(path: Path) -> None:
+def _remember_verified_decode(path: Path, cache: CacheDir) -> None:
     """Point the cache at this verified decode, so later commands need neither --data-dir nor the zips.
     Written only when it changes: a warm load writes nothing."""
     import json
 
     record = {"cache_file": path.name, "content_sha256": REAL_CONTENT_SHA256}
-    pointer = cache_root() / VERIFIED_POINTER
+    pointer = cache.root / VERIFIED_POINTER
     try:
         if json.loads(pointer.read_text()) == record:
             return
     except (OSError, ValueError):
         pass
-    atomic_write_json(pointer, record)
+    with cache.locked():
+        cache.write(lambda: atomic_write_json(pointer, record))
 
 
-def _load_verified_decode() -> OmniglotImages | None:
-    """The real data from the cache alone, when an earlier load verified it; None otherwise."""
+def _load_verified_decode(cache: CacheDir) -> tuple[OmniglotImages | None, tuple[Path, str] | None]:
+    """(the real data from the cache alone, None) when an earlier load verified it; else (None, None), or
+    (None, (cache file, what is wrong)) when the verified decode has been damaged since."""
     import json
 
-    import torch
-
-    pointer = cache_root() / VERIFIED_POINTER
+    pointer = cache.root / VERIFIED_POINTER
     try:
         record = json.loads(pointer.read_text())
-        path = cache_root() / record["cache_file"]
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, ValueError, KeyError, RuntimeError):
-        return None
-    if data.get("content_sha256") != REAL_CONTENT_SHA256 or content_hash(data["images"], data["characters"]) != REAL_CONTENT_SHA256:
-        return None  # edited or corrupted: fall back to the sources
-    sources = Sources("cache", cache_root(), ())
-    return OmniglotImages(data["images"], tuple(data["characters"]), REAL_CONTENT_SHA256, sources, path, True)
+        path = cache.root / record["cache_file"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, None
+    data, problem = _read_cache(path)
+    if problem is not None:
+        return None, (path, problem)
+    if data is None or data["content_sha256"] != REAL_CONTENT_SHA256:
+        return None, None  # gone, or a pointer edited to name other data: look for the sources
+    sources = Sources("cache", cache.root, ())
+    return OmniglotImages(data["images"], tuple(data["characters"]), REAL_CONTENT_SHA256, sources, path, True), None
 
 
 def set_counts(characters: tuple[str, ...] | list[str]) -> dict[str, tuple[int, int]]:

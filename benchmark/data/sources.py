@@ -21,6 +21,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmark.data.cache import cache_lock, why_unwritable
 from benchmark.errors import DataError
 
 SETS = ("images_background", "images_evaluation")
@@ -171,17 +172,33 @@ def find_sources(
 
     cache = cache_root() / "omniglot"
     found = _sources_in(cache)
-    files = {s: _describe(s, p) for s, p in found.items()}
     # A cached zip that is not a known one is a broken or partial download: fetch it again.
-    good = {s: f for s, f in files.items() if f.kind == "folder" or f.checksum_status != "unknown"}
+    good = {s: f for s, p in found.items() if (f := _usable(p, s)) is not None}
     if len(good) == len(SETS):
         return Sources("cache", cache, tuple(good[s] for s in SETS))
     if not download:
         raise DataError(f"no Omniglot data found in the cache {cache}; {how_to_get_data()}")
-    for set_name in SETS:
-        if set_name not in good:
-            _download(set_name, cache)
-    return Sources("download", cache, tuple(_describe(s, cache / f"{s}.zip") for s in SETS))
+    try:
+        # Under the cache lock, so that concurrent commands download once; the first may have finished.
+        with cache_lock(cache_root()):
+            for set_name in SETS:
+                if set_name not in good and _usable(_sources_in(cache).get(set_name), set_name) is None:
+                    _download(set_name, cache)
+    except OSError as exc:
+        raise DataError(
+            f"cannot download Omniglot into {cache} ({why_unwritable(cache, exc)}): set BENCH_CACHE_DIR to a "
+            "writable folder, or pass --data-dir DIR (or set BENCH_DATA_DIR) to a folder holding the zips"
+        ) from None
+    found = _sources_in(cache)
+    return Sources("download", cache, tuple(_describe(s, found[s]) for s in SETS))
+
+
+def _usable(path: Path | None, set_name: str) -> SourceFile | None:
+    """The cached set at ``path`` when it is a folder or a zip of known checksum; None when absent or unknown."""
+    if path is None:
+        return None
+    f = _describe(set_name, path)
+    return f if f.kind == "folder" or f.checksum_status != "unknown" else None
 
 
 def _download(set_name: str, cache: Path) -> None:
