@@ -6,9 +6,35 @@ import csv
 import io
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable
+
+
+def temporary_pattern(prefix: str = "") -> re.Pattern[str]:
+    """The names ``atomic_write_bytes`` gives its temporaries (of files whose name starts with ``prefix``)."""
+    return re.compile(rf"^\.{re.escape(prefix)}.*\.tmp$")
+
+
+def remove_temporaries(folder: Path, prefix: str = "") -> list[str]:
+    """Delete the temporaries of our atomic writes in ``folder`` (only for files named ``prefix...``); returns
+    their names. Call it only while holding the lock that every writer into ``folder`` holds: then no live
+    writer owns one, so each was left by a killed process."""
+    pattern = temporary_pattern(prefix)
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        if pattern.match(entry.name) and entry.is_file(follow_symlinks=False):
+            try:
+                os.unlink(entry.path)
+                removed.append(entry.name)
+            except OSError:
+                pass  # someone else removed it, or we may not: it costs disk space, nothing else
+    return removed
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

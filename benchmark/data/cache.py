@@ -12,18 +12,18 @@ The lock is an OS file lock (``filelock``): the kernel releases it when its hold
 
 from __future__ import annotations
 
-import os
-import re
 import sys
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+from benchmark.results import remove_temporaries
+
 #: Lock file in the cache folder.
 LOCK_NAME = "omniglot28.lock"
 
-#: What ``benchmark.results.atomic_write_bytes`` names the temporary of an ``omniglot28-*`` file.
-_OUR_TEMPORARY = re.compile(r"^\.omniglot28-.+\.tmp$")
+#: Our files in the cache folder start with this (their temporaries: ``.omniglot28-*.tmp``).
+OUR_PREFIX = "omniglot28-"
 
 #: Wait this long for the lock silently; longer waits get one line on stderr, so a pause is never a mystery.
 QUIET_WAIT_SECONDS = 0.5
@@ -56,24 +56,10 @@ def cache_lock(root: Path, warn: Warn = warn_on_stderr, *, wait: bool = True) ->
         warn(f"note: waiting for another bench process that is writing the Omniglot cache in {root}")
         lock.acquire()
     try:
-        remove_stale_temporaries(root)
+        remove_temporaries(root, OUR_PREFIX)
         yield
     finally:
         lock.release()
-
-
-def remove_stale_temporaries(root: Path) -> list[str]:
-    """Delete our temporaries in ``root`` (call only while holding its lock); return their names."""
-    removed = []
-    with os.scandir(root) as entries:
-        for entry in entries:
-            if _OUR_TEMPORARY.match(entry.name) and entry.is_file(follow_symlinks=False):
-                try:
-                    os.unlink(entry.path)
-                    removed.append(entry.name)
-                except OSError:
-                    pass  # someone else removed it, or we may not: it costs disk space, nothing else
-    return removed
 
 
 class CacheDir:

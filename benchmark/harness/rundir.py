@@ -17,7 +17,7 @@ Layout of ``<out>/<learner>-<N>w<K>s-<protocol>-seed<S>-<confighash>/``:
 
 Every file is written atomically (a temporary ``.<name>.*.tmp`` in the same folder, then a rename), so a
 reader sees the old or the new file, never half of one; temporaries left by a killed process are removed
-when the directory is next opened. Reading a file that is damaged raises ``RunDirError`` with one line
+when the next process takes the run's lock. Reading a file that is damaged raises ``RunDirError`` with one line
 that names the file and the fix.
 """
 
@@ -28,13 +28,12 @@ import io
 import json
 import math
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from benchmark.errors import BenchError
-from benchmark.results import atomic_write_bytes, atomic_write_csv, atomic_write_json
+from benchmark.results import atomic_write_bytes, atomic_write_csv, atomic_write_json, remove_temporaries
 
 CONFIG, MANIFEST, TRAIN_LOG, EPISODES, SUMMARY, CHECKPOINT, BEST, LOCK = (
     "config.json", "manifest.json", "train_log.csv", "episodes.csv", "summary.json", "checkpoint.pt", "best.pt",
@@ -42,8 +41,6 @@ CONFIG, MANIFEST, TRAIN_LOG, EPISODES, SUMMARY, CHECKPOINT, BEST, LOCK = (
 )
 #: The files that make a finished run (what ``bench table`` reads).
 FINISHED = (CONFIG, EPISODES, SUMMARY)
-#: Temporaries of our own naming older than this are left by a dead writer (a live one renames in seconds).
-STALE_TEMP_SECONDS = 600
 
 
 class RunDirError(BenchError):
@@ -93,9 +90,10 @@ class RunDirectory:
             else:
                 entry.unlink()
 
-    def remove_stale_temporaries(self, older_than: float = STALE_TEMP_SECONDS) -> list[Path]:
-        """Delete ``.<file>.*.tmp`` files a killed writer left behind; returns what was removed."""
-        return remove_stale_temporaries(self.path, older_than)
+    def remove_stale_temporaries(self) -> list[str]:
+        """Delete ``.<file>.*.tmp`` files a killed writer left behind (call while holding the lock: every
+        writer holds it, so none of them is live); returns their names."""
+        return remove_temporaries(self.path)
 
     # -- writes -----------------------------------------------------------------------------------------
     def write_config(self, record: Mapping[str, Any]) -> None:
@@ -178,25 +176,6 @@ class RunLock:
 
     def __exit__(self, *exc: object) -> None:
         self._lock.release()
-
-
-def remove_stale_temporaries(folder: Path, older_than: float = STALE_TEMP_SECONDS) -> list[Path]:
-    """Delete temporaries of our own atomic writes (``.<name>.<random>.tmp``) older than ``older_than``
-    seconds in ``folder``; a live writer renames its temporary within seconds."""
-    removed = []
-    now = time.time()
-    try:
-        candidates = list(folder.glob(".*.tmp"))
-    except OSError:
-        return removed
-    for path in candidates:
-        try:
-            if now - path.stat().st_mtime >= older_than:
-                path.unlink()
-                removed.append(path)
-        except OSError:
-            continue
-    return removed
 
 
 # -- reading ------------------------------------------------------------------------------------------------
