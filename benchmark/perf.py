@@ -39,6 +39,41 @@ def peak_reserved_mb(device: torch.device) -> float | None:
     return None
 
 
+def private_pool_mb(device: torch.device) -> float | None:
+    """CUDA: memory the caching allocator holds in private pools, i.e. for CUDA graphs (segments whose
+    ``segment_pool_id`` is not the default pool's). It stays reserved while a graph lives, and replays
+    allocate nothing, so a graphed step's memory is its warm-up's and capture's, not a timed step's.
+    CPU, or a PyTorch whose snapshot lacks pool ids: None."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        segments = torch.cuda.memory_snapshot()
+    except (AttributeError, RuntimeError):
+        return None
+    if any("segment_pool_id" not in seg for seg in segments):
+        return None
+    return sum(seg["total_size"] for seg in segments
+               if seg.get("device", index) == index and tuple(seg["segment_pool_id"]) != (0, 0)) / 2**20
+
+
+def graph_status(learner: Learner) -> dict[str, Any] | None:
+    """Whether the learner's CUDA graph was captured, or why it runs eagerly; None if it holds no
+    ``GraphedStep``. Looks at every attribute, so it names no learner (several graphs: captured only if
+    all are, their reasons joined)."""
+    from benchmark.graphs import GraphedStep
+
+    steps = {name: value for name, value in vars(learner).items() if isinstance(value, GraphedStep)}
+    if not steps:
+        return None
+    reasons = [(name, g.disabled_reason) for name, g in steps.items() if g.disabled_reason is not None]
+    if len(steps) > 1:
+        reasons = [(name, f"{name}: {why}") for name, why in reasons]
+    return {"captured": all(g.captured for g in steps.values()),
+            "disabled_reason": "; ".join(why for _, why in reasons) or None,
+            "warmup": max(g.warmup for g in steps.values())}
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """CUDA: peak allocated since the last reset (one step of one variant). CPU: the process's peak resident
     set so far, a high-water mark shared by all variants."""
@@ -61,6 +96,12 @@ class StepTiming:
     warmup_steps: int = 0
     warmup_s: float = 0.0
     peak_reserved_mb: float | None = None
+    #: CUDA: peak reserved over this variant's warm-up, CUDA-graph capture included (the 16 GB question).
+    warmup_peak_reserved_mb: float | None = None
+    #: CUDA: memory its CUDA graph's private pool holds (growth of private pools over its warm-up).
+    graph_pool_mb: float | None = None
+    #: ``graph_status`` of the learner after the timed steps; None for a learner without a CUDA graph.
+    graph: dict[str, Any] | None = None
 
     @property
     def median_ms(self) -> float:
@@ -74,7 +115,9 @@ class StepTiming:
             "iterations_per_s": round(1000.0 / self.median_ms, 3),
             "timed_iterations": len(self.times_ms),
             "peak_memory_mb": round(self.peak_memory_mb, 1),
-            "peak_reserved_mb": None if self.peak_reserved_mb is None else round(self.peak_reserved_mb, 1),
+            "peak_reserved_mb": _round(self.peak_reserved_mb),
+            "warmup_peak_reserved_mb": _round(self.warmup_peak_reserved_mb),
+            "graph_pool_mb": _round(self.graph_pool_mb),
             # Drawing the meta-batch on the device, included in median_ms (as in a run).
             "sampling_ms": round(statistics.median(self.sampling_ms), 3),
             "sampling_share": round(statistics.median(self.sampling_ms) / self.median_ms, 4),
@@ -84,7 +127,12 @@ class StepTiming:
             # The untimed first steps, compilation and CUDA-graph capture included: a run's one-time cost.
             "warmup_steps": self.warmup_steps,
             "warmup_s": round(self.warmup_s, 3),
+            "graph": self.graph,
         }
+
+
+def _round(mb: float | None) -> float | None:
+    return None if mb is None else round(mb, 1)
 
 
 def time_training(variants: list[tuple[str, Learner]], pool, spec: EpisodeSpec, iterations: list[int], warmup: int,
@@ -110,14 +158,22 @@ def time_training(variants: list[tuple[str, Learner]], pool, spec: EpisodeSpec, 
             draws.append(lambda s=sampler, n=learner.train_batch_size: s.sample(n))
     # One-time costs (compilation at the first step, CUDA-graph capture after the eager warm-up steps) land
     # in the warm-up; their total is reported, since a run pays it once.
-    warmup_s = []
+    # Memory: a replayed graph allocates nothing, so its memory shows in the warm-up (eager steps and capture):
+    # each variant's warm-up starts from an emptied cache and reset peaks. Reserved memory still counts what
+    # earlier variants hold (their parameters, graph pools): exact for the first variant, or one alone.
+    warmup_s, warmup_reserved, graph_pools = [], [], []
     for (_, learner), draw in zip(variants, draws):
+        reset_peak_memory(device)
+        pools_before = private_pool_mb(device)
         synchronize(device)
         start = time.perf_counter()
         for _ in range(warmup):
             learner.meta_train_step(draw())
         synchronize(device)
         warmup_s.append(time.perf_counter() - start)
+        warmup_reserved.append(peak_reserved_mb(device))
+        pools_after = private_pool_mb(device)
+        graph_pools.append(None if pools_before is None or pools_after is None else pools_after - pools_before)
     times: list[list[float]] = [[] for _ in variants]
     sampling: list[list[float]] = [[] for _ in variants]
     peaks = [0.0 for _ in variants]
@@ -142,8 +198,9 @@ def time_training(variants: list[tuple[str, Learner]], pool, spec: EpisodeSpec, 
             peaks[i] = max(peaks[i], peak_memory_mb(device))
             if (r := peak_reserved_mb(device)) is not None:
                 reserved[i] = max(reserved[i] or 0.0, r)
-    return [StepTiming(label, t, peak, s, learner.train_batch_size, warmup, w, r)
-            for (label, learner), t, s, peak, w, r in zip(variants, times, sampling, peaks, warmup_s, reserved)]
+    return [StepTiming(label, t, peak, s, learner.train_batch_size, warmup, w, r, wr, gp, graph_status(learner))
+            for (label, learner), t, s, peak, w, r, wr, gp
+            in zip(variants, times, sampling, peaks, warmup_s, reserved, warmup_reserved, graph_pools)]
 
 
 def time_evaluation(learner: Learner, pool, spec: EpisodeSpec, episodes: int) -> dict[str, Any]:

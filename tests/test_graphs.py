@@ -1,7 +1,7 @@
 """``GraphedStep``: warm-up, capture, replay with new inputs, and the fallbacks.
 
 On a CPU: the device check, the stream discipline and the failed-capture fallback against a stand-in for
-``torch.cuda`` (``fake_cuda``). The rest needs a GPU (``-m gpu``).
+``torch.cuda`` (``fake_cuda``), and ``benchmark.perf.graph_status``. The rest needs a GPU (``-m gpu``).
 
 The test whose capture fails on purpose runs in a child process: on torch 2.11 a failed capture can leave
 the caching allocator damaged for the rest of the process (fixed upstream later), which would fail the
@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from benchmark.graphs import GraphedStep
+from benchmark.perf import graph_status
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,6 +100,19 @@ def test_one_side_stream_for_the_warmups_the_check_and_the_capture(fake_cuda):
     graphed.disabled_reason = None
     graphed(x)
     assert len(fake_cuda.made) == 1
+
+
+def test_graph_status_finds_a_graphed_step_on_any_learner():
+    class Learner:
+        def __init__(self, graphed):
+            self.anything = GraphedStep(lambda x: (x,), torch.device("cuda"), warmup=2) if graphed else None
+
+    assert graph_status(Learner(graphed=False)) is None
+    learner = Learner(graphed=True)
+    assert graph_status(learner) == {"captured": False, "disabled_reason": None, "warmup": 2}
+    learner.anything.disabled_reason = "capture failed: RuntimeError: no"
+    assert graph_status(learner) == {"captured": False, "disabled_reason": "capture failed: RuntimeError: no",
+                                     "warmup": 2}
 
 
 class Accumulator:
