@@ -67,7 +67,7 @@ step() {
   local name=$1 limit=$2; shift 2
   local left=$((BUDGET_S - SECONDS - RESERVE_S))
   if [ "$left" -lt 15 ]; then
-    echo "== $name: SKIPPED, ${left} s of the budget left"; STEP_RC=125; return
+    echo "== $name: SKIPPED, ${left} s of the budget left"; STEP_RC=125; STEP_S=0; return
   fi
   [ "$limit" -gt "$left" ] && limit=$left
   echo "== $name (limit ${limit} s)"
@@ -146,7 +146,7 @@ MODULE = {"pillow": "PIL"}
 # Not on the sitting's path (it fails only when used); anything else missing is fatal.
 OPTIONAL = {"tabulate": "bench table (pandas to_markdown)", "jinja2": "bench table --latex (pandas to_latex)"}
 if os.environ.get("BENCH_CACHE_DIR"):
-    OPTIONAL["platformdirs"] = "the default cache folder (BENCH_CACHE_DIR is set)"
+    OPTIONAL["platformdirs"] = "the default cache folder, and BENCH_CACHE_DIR is set"
 missing = []
 for spec in deps + ["pytest>=7"]:
     name = Requirement(spec).name if Requirement else spec.split(">")[0].split("=")[0].split("<")[0].strip()
@@ -193,7 +193,6 @@ perf() {  # perf NAME LIMIT_S ARGS...: one `bench perf --json` report, appended 
   local name=$1 limit=$2; shift 2
   STEP_STDOUT="$WORK/$name.json" step "bench perf $name: $*" "$limit" \
     "${BENCH[@]}" perf "$@" --device "$DEVICE" "${SMALL_CFG[@]}" --json
-  [ "$STEP_RC" = 125 ] && return
   "$PY" scripts/gpu_summary.py collect "$OUT/perf.jsonl" "$name" "$WORK/$name.json" --exit "$STEP_RC" --seconds "$STEP_S"
 }
 # The targets' configurations, each with the ablation ladder (vmap alone, vmap + CUDA graph).

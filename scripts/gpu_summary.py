@@ -24,6 +24,8 @@ from typing import Any
 #: counts CUDA-graph pools) against 16 GiB. The CUDA context (~0.5 GiB) comes on top, and cards sold as
 #: 16 GB expose 15-16 GiB, so a value above MEMORY_MARGIN of the target is flagged as marginal.
 MEMORY_TARGET_MB = 16 * 1024
+#: The exit code scripts/gpu_sitting.sh gives a step it skipped for lack of time.
+SKIPPED = 125
 MEMORY_MARGIN = 0.9
 #: The paper's settings (MAML.default_config, by way): a report with others is not the target's setting.
 PAPER_CONFIG = {5: {"meta_batch_size": 32, "inner_steps": 1, "test_inner_steps": 10},
@@ -82,8 +84,11 @@ def collect(jsonl: Path, name: str, report_file: Path, exit_code: int, seconds: 
     try:
         record["report"] = json.loads(report_file.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        record["error"] = f"no JSON report ({type(exc).__name__}: {exc})".splitlines()[0]
-    if exit_code in (124, 137):
+        if exit_code != SKIPPED:
+            record["error"] = f"no JSON report ({type(exc).__name__}: {exc})".splitlines()[0]
+    if exit_code == SKIPPED:
+        record["error"] = "skipped: not enough of the sitting's time budget left"
+    elif exit_code in (124, 137):
         record["error"] = f"timed out after {seconds or 0:.0f} s"
     elif exit_code != 0 and "error" not in record:
         record["error"] = f"exit {exit_code}"
@@ -219,7 +224,7 @@ def caveats(records: list[dict[str, Any]]) -> list[str]:
 def summary(records: list[dict[str, Any]]) -> list[str]:
     devices = sorted({f"{r['report'].get('device_name')} ({r['report'].get('device')}), torch "
                       f"{r['report'].get('torch_version')}" for r in records if r.get("report")})
-    lines = [f"GPU sitting summary: {len(records)} runs on {', '.join(devices) or 'no device'}"]
+    lines = [f"GPU sitting summary: {len(records)} configurations on {', '.join(devices) or 'no device'}"]
     rows = [("target", "measured", "target", "verdict", "graph (shipped)")]
     met = 0
     for target in TARGETS:

@@ -60,6 +60,7 @@ def test_collect_then_summary_reads_each_target(gs, tmp_path):
         (tmp_path / f"{name}.json").write_text(json.dumps(r, indent=2))
         gs.collect(jsonl, name, tmp_path / f"{name}.json", 0, 30.0)
     gs.collect(jsonl, "maml-5w1s-compile", tmp_path / "absent.json", 124, 300.0)
+    gs.collect(jsonl, "later", tmp_path / "absent.json", gs.SKIPPED, 0)
     lines = gs.summary(gs.read_records([jsonl]))
     table = rows(gs, lines)
     assert "9.50 ms" in table["maml 20w1s 2nd order: ms/meta-iteration"] and "PASS" in table["maml 20w1s 2nd order: ms/meta-iteration"]
@@ -72,6 +73,7 @@ def test_collect_then_summary_reads_each_target(gs, tmp_path):
     assert "15.14 GiB" in memory and "graph pool 0.29" in memory and "PASS (marginal)" in memory
     assert "5 of 7 targets met" in lines
     assert "run maml-5w1s-compile: timed out after 300 s" in lines
+    assert "run later: skipped: not enough of the sitting's time budget left" in lines
     assert not any(line.startswith("note:") for line in lines)  # the paper's settings on a GPU
 
 
