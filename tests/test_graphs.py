@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from benchmark.graphs import GraphedStep
-from benchmark.perf import graph_status
+from benchmark.perf import graph_status, private_pool_mb
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -113,6 +113,22 @@ def test_graph_status_finds_a_graphed_step_on_any_learner():
     learner.anything.disabled_reason = "capture failed: RuntimeError: no"
     assert graph_status(learner) == {"captured": False, "disabled_reason": "capture failed: RuntimeError: no",
                                      "warmup": 2}
+
+
+def test_private_pool_mb_counts_the_graph_pools_of_the_device(monkeypatch):
+    """A graph's memory lives in private pools (``segment_pool_id`` other than (0, 0)); a replay
+    allocates nothing, so this, not a timed step's peak, is what a graphed step holds."""
+    mb = 2**20
+    segments = [{"device": 0, "total_size": 100 * mb, "segment_pool_id": (0, 0)},   # the default pool
+                {"device": 0, "total_size": 30 * mb, "segment_pool_id": (1, 2)},    # a graph's pool
+                {"device": 0, "total_size": 2 * mb, "segment_pool_id": [1, 3]},     # as a list, too
+                {"device": 1, "total_size": 50 * mb, "segment_pool_id": (1, 4)}]    # another device
+    monkeypatch.setattr(torch.cuda, "memory_snapshot", lambda *a, **k: segments)
+    assert private_pool_mb(torch.device("cuda:0")) == 32.0
+    assert private_pool_mb(torch.device("cuda:1")) == 50.0
+    assert private_pool_mb(torch.device("cpu")) is None
+    monkeypatch.setattr(torch.cuda, "memory_snapshot", lambda *a, **k: [{"device": 0, "total_size": mb}])
+    assert private_pool_mb(torch.device("cuda:0")) is None  # a PyTorch without pool ids: unknown, not 0
 
 
 class Accumulator:
