@@ -16,6 +16,9 @@ What a captured step must respect (and ``GraphedStep`` arranges):
 * Warm-up: the first ``warmup`` calls run eagerly on a side stream (as PyTorch's CUDA-graph notes advise),
   which initialises lazily created state (cuBLAS/cuDNN handles, optimizer state) before capture. They are
   real steps, not discarded ones, so a run's sequence of updates does not depend on where capture happens.
+  One side stream serves every warm-up, the eager check and the capture of a ``GraphedStep``: the caching
+  allocator keeps freed blocks per stream, so a new stream per call would strand each earlier call's
+  blocks and hold several steps' worth of memory until capture (when ``torch.cuda.graph`` empties the cache).
 * Outputs are overwritten by the next replay, so they are returned as clones.
 
 If capture fails (an operation that cannot be captured on this PyTorch build), or the first replay
@@ -57,6 +60,7 @@ class GraphedStep:
         self.device = device
         self.warmup = max(1, warmup)
         self.state = state
+        self._stream: torch.cuda.Stream | None = None  # the side stream, made at the first call (see module doc)
         #: Why capture was given up (the step then always runs eagerly); None while capture is allowed.
         self.disabled_reason: str | None = None
         self.reset()
@@ -96,8 +100,14 @@ class GraphedStep:
             x.shape == s.shape and x.dtype == s.dtype and x.device == s.device
             for x, s in zip(inputs, self.static_inputs))
 
+    def _side_stream(self) -> torch.cuda.Stream:
+        """The one stream this step's warm-ups, eager checks and captures run on (kept across ``reset``)."""
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        return self._stream
+
     def _eager_on_side_stream(self, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        side = torch.cuda.Stream(self.device)
+        side = self._side_stream()
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side), _capturable_warning_ignored():
             outputs = tuple(self.step(*inputs))
@@ -115,7 +125,7 @@ class GraphedStep:
         # Static buffers keep the inputs' dtype: callers pass what the step expects (the learner converts).
         self.static_inputs = [x.detach().clone() for x in inputs]
         graph = torch.cuda.CUDAGraph()
-        capture_stream = torch.cuda.Stream(self.device)
+        capture_stream = self._side_stream()
         try:
             # The outer stream context restores the current stream even when a failed capture makes
             # torch.cuda.graph's exit raise before it restores the stream itself.

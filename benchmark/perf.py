@@ -17,8 +17,27 @@ import torch
 
 from benchmark.harness.protocol import EpisodeSpec, Manifest, make_sampler
 from benchmark.harness.protocol import draw as draw_batch
-from benchmark.harness.runtime import peak_memory_mb, peak_reserved_mb, reset_peak_memory, synchronize
+from benchmark.harness.runtime import (
+    peak_memory_mb, peak_reserved_mb, private_pool_mb, reset_peak_memory, synchronize,
+)
 from benchmark.learner import Learner
+
+
+def graph_status(learner: Learner) -> dict[str, Any] | None:
+    """Whether the learner's CUDA graph was captured, or why it runs eagerly; None if it holds no
+    ``GraphedStep``. Looks at every attribute, so it names no learner (several graphs: captured only if
+    all are, their reasons joined)."""
+    from benchmark.graphs import GraphedStep
+
+    steps = {name: value for name, value in vars(learner).items() if isinstance(value, GraphedStep)}
+    if not steps:
+        return None
+    reasons = [(name, g.disabled_reason) for name, g in steps.items() if g.disabled_reason is not None]
+    if len(steps) > 1:
+        reasons = [(name, f"{name}: {why}") for name, why in reasons]
+    return {"captured": all(g.captured for g in steps.values()),
+            "disabled_reason": "; ".join(why for _, why in reasons) or None,
+            "warmup": max(g.warmup for g in steps.values())}
 
 
 @dataclass
@@ -33,6 +52,12 @@ class StepTiming:
     warmup_steps: int = 0
     warmup_s: float = 0.0
     peak_reserved_mb: float | None = None
+    #: CUDA: peak reserved over this variant's warm-up, CUDA-graph capture included (the 16 GB question).
+    warmup_peak_reserved_mb: float | None = None
+    #: CUDA: memory its CUDA graph's private pool holds (growth of private pools over its warm-up).
+    graph_pool_mb: float | None = None
+    #: ``graph_status`` of the learner after the timed steps; None for a learner without a CUDA graph.
+    graph: dict[str, Any] | None = None
 
     @property
     def median_ms(self) -> float:
@@ -46,7 +71,9 @@ class StepTiming:
             "iterations_per_s": round(1000.0 / self.median_ms, 3),
             "timed_iterations": len(self.times_ms),
             "peak_memory_mb": round(self.peak_memory_mb, 1),
-            "peak_reserved_mb": None if self.peak_reserved_mb is None else round(self.peak_reserved_mb, 1),
+            "peak_reserved_mb": _round(self.peak_reserved_mb),
+            "warmup_peak_reserved_mb": _round(self.warmup_peak_reserved_mb),
+            "graph_pool_mb": _round(self.graph_pool_mb),
             # Drawing the meta-batch on the device, included in median_ms (as in a run).
             "sampling_ms": round(statistics.median(self.sampling_ms), 3),
             "sampling_share": round(statistics.median(self.sampling_ms) / self.median_ms, 4),
@@ -56,7 +83,12 @@ class StepTiming:
             # The untimed first steps, compilation and CUDA-graph capture included: a run's one-time cost.
             "warmup_steps": self.warmup_steps,
             "warmup_s": round(self.warmup_s, 3),
+            "graph": self.graph,
         }
+
+
+def _round(mb: float | None) -> float | None:
+    return None if mb is None else round(mb, 1)
 
 
 def time_training(variants: list[tuple[str, Learner]], pool, spec: EpisodeSpec, iterations: list[int], warmup: int,
@@ -79,14 +111,7 @@ def time_training(variants: list[tuple[str, Learner]], pool, spec: EpisodeSpec, 
         draws.append(lambda s=sampler, p=phase: draw_batch(s, p))
     # One-time costs (compilation at the first step, CUDA-graph capture after the eager warm-up steps) land
     # in the warm-up; their total is reported, since a run pays it once.
-    warmup_s = []
-    for (_, learner), draw in zip(variants, draws):
-        synchronize(device)
-        start = time.perf_counter()
-        for _ in range(warmup):
-            learner.meta_train_step(draw())
-        synchronize(device)
-        warmup_s.append(time.perf_counter() - start)
+    warmup_s, warmup_reserved, graph_pools = _warm_up(variants, draws, warmup, device)
     times: list[list[float]] = [[] for _ in variants]
     sampling: list[list[float]] = [[] for _ in variants]
     peaks = [0.0 for _ in variants]
@@ -111,8 +136,33 @@ def time_training(variants: list[tuple[str, Learner]], pool, spec: EpisodeSpec, 
             peaks[i] = max(peaks[i], peak_memory_mb(device))
             if (r := peak_reserved_mb(device)) is not None:
                 reserved[i] = max(reserved[i] or 0.0, r)
-    return [StepTiming(label, t, peak, s, _batch_size(learner), warmup, w, r)
-            for (label, learner), t, s, peak, w, r in zip(variants, times, sampling, peaks, warmup_s, reserved)]
+    return [StepTiming(label, t, peak, s, _batch_size(learner), warmup, w, r, wr, gp, graph_status(learner))
+            for (label, learner), t, s, peak, w, r, wr, gp
+            in zip(variants, times, sampling, peaks, warmup_s, reserved, warmup_reserved, graph_pools)]
+
+
+def _warm_up(variants: list[tuple[str, Learner]], draws: list[Any], warmup: int, device: torch.device
+             ) -> tuple[list[float], list[float | None], list[float | None]]:
+    """Run each variant's untimed first steps: (seconds, peak reserved MB, CUDA-graph pool MB) per variant.
+
+    A replayed graph allocates nothing, so its memory shows here (eager steps and capture): each variant's
+    warm-up starts from an emptied cache and reset peaks. Reserved memory still counts what earlier variants
+    hold (their parameters, graph pools): exact for the first variant, or one alone.
+    """
+    seconds, reserved, pools = [], [], []
+    for (_, learner), draw in zip(variants, draws):
+        reset_peak_memory(device)
+        pools_before = private_pool_mb(device)
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(warmup):
+            learner.meta_train_step(draw())
+        synchronize(device)
+        seconds.append(time.perf_counter() - start)
+        reserved.append(peak_reserved_mb(device))
+        pools_after = private_pool_mb(device)
+        pools.append(None if pools_before is None or pools_after is None else pools_after - pools_before)
+    return seconds, reserved, pools
 
 
 def _batch_size(learner: Learner) -> int:

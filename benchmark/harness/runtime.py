@@ -54,6 +54,24 @@ def peak_reserved_mb(device: torch.device) -> float | None:
     return None
 
 
+def private_pool_mb(device: torch.device) -> float | None:
+    """CUDA: memory the caching allocator holds in private pools, i.e. for CUDA graphs (segments whose
+    ``segment_pool_id`` is not the default pool's). It stays reserved while a graph lives, and replays
+    allocate nothing, so a graphed step's memory is its warm-up's and capture's, not a timed step's.
+    CPU, or a PyTorch whose snapshot lacks pool ids: None."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        segments = torch.cuda.memory_snapshot()
+    except (AttributeError, RuntimeError):
+        return None
+    if any("segment_pool_id" not in seg for seg in segments):
+        return None
+    return sum(seg["total_size"] for seg in segments
+               if seg.get("device", index) == index and tuple(seg["segment_pool_id"]) != (0, 0)) / 2**20
+
+
 def available_memory_bytes(device: torch.device) -> int | None:
     """Memory a run can still take on ``device``: free GPU memory, or the host's available memory (Linux
     ``MemAvailable``); None when unknown."""
