@@ -67,10 +67,12 @@ def test_cuda_graph_defaults_to_the_device():
 
 def _compiled_against_loop(backend: str, first_order: bool) -> None:
     g = torch.Generator().manual_seed(3)
-    params, batch = init_conv4(g, 5, dtype=torch.float64), fake_episodes(g, tasks=2, query=1)
+    inner = maml.InnerLoop(0.4, 2, "sum/K", False, maml.Conv4Arch(padding="same", bn_scale=False, bn_eps=1e-3))
+    params = init_conv4(g, 5, dtype=torch.float64, arch=inner.arch)
+    batch = fake_episodes(g, tasks=2, query=1)
     compiled = maml._compiled(maml.vectorized_meta_gradient, backend=backend)
-    gc, lc, ac = compiled(params, batch, 0.4, 2, first_order)
-    gr, lr, ar = maml.reference_meta_gradient(params, batch, 0.4, 2, first_order)
+    gc, lc, ac = compiled(params, batch, inner, first_order)
+    gr, lr, ar = maml.reference_meta_gradient(params, batch, inner, first_order)
     assert rel_error(gc, gr) <= RTOL64
     torch.testing.assert_close(lc, lr, rtol=1e-12, atol=0)
     torch.testing.assert_close(ac, ar, rtol=0, atol=0)
