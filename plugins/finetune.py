@@ -45,7 +45,10 @@ from benchmark.config import option
 from benchmark.episodes import LabeledBatch
 from benchmark.errors import ProtocolError
 from benchmark.learner import Learner, Minibatches, RunContext, seed_from
-from benchmark.toolkit.conv4 import Params, conv4_features, init_conv4, load_training_state, training_state
+from benchmark.papers import Paper, Preset, Quick
+from benchmark.toolkit.conv4 import (
+    Conv4Arch, Params, conv4_features, init_conv4, init_running_stats, load_training_state, training_state,
+)
 
 #: Added to feature norms in the cosine head, as in the authors' code.
 NORM_EPS = 1e-5
@@ -66,9 +69,14 @@ class FinetuneConfig:
     head_weight_decay: float = option(1e-3, "SGD weight decay of the test head", min=0)
     pretrain_scale: float = option(10.0, "cosine head scale over the meta-train classes", min=0, min_inclusive=False)
     episode_scale: float = option(2.0, "cosine head scale of the test-episode head", min=0, min_inclusive=False)
-    bn: Literal["separate", "episode"] = option(
-        "separate", "test batch norm: separate (support and query each with their own statistics) or episode "
-        "(support+query statistics)")
+    bn: Literal["separate", "episode", "running"] = option(
+        "separate", "test batch norm: separate (support and query each with their own statistics), episode "
+        "(support+query statistics), or running (statistics tracked during pre-training: inductive, as Chen et "
+        "al.'s code)")
+    network: Literal["strided", "maxpool"] = option(
+        "strided", "conv4 downsampling: strided (MAML's stride-2 network) or maxpool (Chen et al.'s Conv4S)")
+    conv_init: Literal["glorot", "he"] = option(
+        "glorot", "conv weight init: glorot (uniform) or he (fan-out normal, as Chen et al.'s code)")
     eval_batch_size: int = option(25, "test episodes fitted at once in predict", min=1, max=10_000)
 
 
@@ -178,15 +186,20 @@ class Finetune(Learner):
             raise ProtocolError("finetune pre-trains over all meta-train classes but the run context has "
                                 "num_train_classes=0: build the RunContext from the training ClassPool")
         self.dtype = dtype
+        self.arch = Conv4Arch(downsample="maxpool" if config.network == "maxpool" else "stride")
         gen = context.generator("init")
         # The conv4 network with a Glorot linear head over all meta-train classes; Baseline++ swaps the head.
-        params = init_conv4(gen, context.num_train_classes, dtype=dtype, device=context.device)
+        params = init_conv4(gen, context.num_train_classes, dtype=dtype, device=context.device, arch=self.arch,
+                            conv_init=config.conv_init)
         if config.head == "cosine":
             params = {k: v for k, v in params.items() if not k.startswith("head.")}
             params.update(init_head("cosine", gen, context.num_train_classes, params["bn4.bias"].numel(), None,
                                     dtype, context.device))
         self.params: Params = {k: v.requires_grad_(True) for k, v in params.items()}
         self.optimizer = torch.optim.Adam(list(self.params.values()), lr=config.lr)
+        #: Running batch-norm statistics, tracked while pre-training when the test uses them (``bn=running``).
+        self.running = (init_running_stats(self.arch.channels, dtype, context.device) if config.bn == "running"
+                        else None)
 
     def training(self) -> list[Minibatches]:
         return [Minibatches(images=self.config.batch_size)]
@@ -197,15 +210,19 @@ class Finetune(Learner):
 
     def describe(self) -> dict[str, Any]:
         steps = self.config.head_epochs * -(-self.context.way * self.context.shot // self.config.head_batch_size)
+        batch_norm = {"separate": "transductive", "episode": "transductive (support+query)",
+                      "running": "inductive (running statistics)"}[self.config.bn]
         return {
-            "batch norm": "transductive" if self.config.bn == "separate" else "transductive (support+query)",
+            "batch norm": batch_norm,
+            "embedding": f"conv4, {'max-pool' if self.config.network == 'maxpool' else 'stride 2'}",
             "head": f"{self.config.head}, {steps} SGD steps",
         }
 
     def meta_train_step(self, batch: LabeledBatch) -> Mapping[str, torch.Tensor]:
         x, y = batch.x.to(self.context.device, self.dtype), batch.y.to(self.context.device)
         with torch.enable_grad():
-            logits = head_logits(self.config.head, self.params, conv4_features(self.params, x), self.config.pretrain_scale)
+            features = conv4_features(self.params, x, self.arch, track=self.running)
+            logits = head_logits(self.config.head, self.params, features, self.config.pretrain_scale)
             loss = F.cross_entropy(logits, y)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -217,8 +234,14 @@ class Finetune(Learner):
         """Frozen-backbone features: [T, S, D] and [T, Q, D] under the configured batch-norm mode."""
         S = support_x.shape[1]
         params = {k: v.detach() for k, v in self.params.items() if not k.startswith("head.")}
+        if self.running is not None:  # inductive: every image on its own, so all of them in one batch
+            with torch.no_grad():
+                images = torch.cat([support_x, query_x], dim=1)
+                f = conv4_features(params, images.flatten(0, 1), self.arch, use=self.running)
+                f = f.view(*images.shape[:2], -1)
+            return f[:, :S], f[:, S:]
         # vmap over episodes: one conv over all images, batch statistics per episode.
-        per_episode = vmap(conv4_features, in_dims=(None, 0))
+        per_episode = vmap(lambda p, x: conv4_features(p, x, self.arch), in_dims=(None, 0))
         with torch.no_grad():
             if self.config.bn == "episode":
                 f = per_episode(params, torch.cat([support_x, query_x], dim=1))
@@ -233,13 +256,75 @@ class Finetune(Learner):
         return head_logits(self.config.head, head, query_f, self.config.episode_scale).detach()
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"params": {name: tensor}, "optimizer": Adam state}`` as independent copies."""
-        return training_state(self.params, self.optimizer)
+        """``{"params": {name: tensor}, "optimizer": Adam state, "running": statistics}`` as independent copies."""
+        state = training_state(self.params, self.optimizer)
+        if self.running is not None:
+            state["running"] = {k: v.clone() for k, v in self.running.items()}
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         load_training_state(self.params, self.optimizer, state)
+        if self.running is not None:
+            for k, v in self.running.items():
+                v.copy_(state["running"][k])
 
 
 @hookimpl
 def bench_register_learners(register: Callable[[type], None]) -> None:
     register(Finetune)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The paper: Chen et al. 2019, Baseline on Omniglot
+# --------------------------------------------------------------------------------------------------------
+
+#: 5 epochs over the 4112 meta-train classes x 20 drawings in minibatches of 16 (train.py:80-83, 100).
+CHEN2019_ITERATIONS = 5 * 4112 * 20 // 16
+
+CHEN2019_NOTES = (
+    "Follows wyharveychen/CloserLookFewShot at e03aca8 (Omniglot). Network: Conv4S, 4 x [3x3 conv 64, pad 1, "
+    "BatchNorm2d, ReLU, 2x2 max-pool] -> 64-d (backbone.py:105-132, 287-306; train.py:74-76), conv weights He "
+    "fan-out normal (backbone.py:13-20); the conv biases are omitted (batch norm cancels them in training, "
+    "their gradient is zero). Pre-training: Adam 1e-3 (train.py:22-24), batches of 16 (train.py:100), 5 epochs "
+    "(train.py:80-83; here 25700 iterations drawn with replacement rather than epochs), all 4112 meta-train "
+    "classes of the Vinyals split with rotations (write_omniglot_filelist.py:20-36), a zero-bias linear head "
+    "(Baseline; Baseline++ is -o head=cosine: scale 10 over 4112 classes, 2 per episode, backbone.py:30-33). "
+    "Test: the last epoch's weights (no validation for Baseline: baselinetrain.py:51-55, io_utils.py:52-68), "
+    "running batch-norm statistics (model.eval(), save_features.py:120: inductive), a new head per episode "
+    "trained 100 epochs over the support set in batches of 4 with SGD lr 0.01, momentum 0.9, dampening 0.9, "
+    "weight decay 1e-3 (baselinefinetune.py:15-52), 15 queries per class, 600 episodes, 1.96 s/sqrt(n) "
+    "(test.py:52, 151, 156-166). Differences: their images are rescaled to 32 and centre-cropped to 28 and "
+    "normalised with ImageNet statistics, not inverted (datamgr.py:13-39); we use the harness's 28x28 images "
+    "(ink 1). Published Omniglot numbers: not found in any source we could read, so none are shown."
+)
+
+
+def chen2019_preset(way: int, shot: int) -> Preset:
+    """Chen et al.'s Baseline protocol for one cell (see ``CHEN2019_NOTES``)."""
+    return Preset(
+        settings={"query": 15, "episodes": 600, "iterations": CHEN2019_ITERATIONS, "protocol": "vinyals",
+                  "select": "last"},
+        learners={"finetune": {"network": "maxpool", "bn": "running", "conv_init": "he", "head": "linear",
+                               "batch_size": 16, "lr": 1e-3, "head_epochs": 100, "head_batch_size": 4,
+                               "head_lr": 0.01, "head_momentum": 0.9, "head_dampening": 0.9,
+                               "head_weight_decay": 1e-3, "pretrain_scale": 10.0, "episode_scale": 2.0}},
+        notes=CHEN2019_NOTES,
+    )
+
+
+CHEN2019 = Paper(
+    name="chen2019",
+    title="Chen et al. 2019 (A Closer Look at Few-shot Classification: Baseline)",
+    learners=("finetune",),
+    cells=((5, 1), (5, 5), (20, 1), (20, 5)),
+    preset=chen2019_preset,
+    selection="last",
+    notes="No published Omniglot number could be verified: ours are shown alone.",
+    quick=Quick(cells=((5, 1),), settings={"iterations": 600, "val_every": 300, "checkpoint_every": 300},
+                description="600 pre-training iterations"),
+)
+
+
+@hookimpl
+def bench_register_papers(register: Callable[[object], None]) -> None:
+    register(CHEN2019)

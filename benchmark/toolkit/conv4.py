@@ -82,11 +82,13 @@ def init_conv4(
     device: torch.device | str = "cpu",
     arch: Conv4Arch = TORCH_STYLE,
     head_init: Literal["xavier", "normal"] = "xavier",
+    conv_init: Literal["glorot", "he"] = "glorot",
 ) -> Params:
     """Fresh parameters of the conv4 network.
 
     Conv weights are Glorot-uniform (TensorFlow's ``xavier_initializer``, as in Finn et al.'s reference
-    code), batch-norm scale 1 and shift 0; the head is Glorot-uniform (``head_init="xavier"``) or drawn
+    code) or, with ``conv_init="he"``, N(0, 2 / (9 C)) (He's fan-out normal, as in Chen et al.'s code),
+    batch-norm scale 1 and shift 0; the head is Glorot-uniform (``head_init="xavier"``) or drawn
     from N(0, 1) (``"normal"``: the MAML reference code's Omniglot head), with zero bias. Values are drawn on
     the CPU from ``generator`` and then moved, so the same generator gives the same weights on every device.
 
@@ -105,7 +107,8 @@ def init_conv4(
     for i in range(1, DEPTH + 1):
         cin = in_channels if i == 1 else channels
         w = torch.empty(channels, cin, 3, 3, dtype=torch.float64)
-        params[f"conv{i}.weight"] = glorot_uniform_(w, cin * 9, fan_out, generator)
+        params[f"conv{i}.weight"] = (w.normal_(0.0, math.sqrt(2.0 / fan_out), generator=generator) if conv_init == "he"
+                                     else glorot_uniform_(w, cin * 9, fan_out, generator))
         if arch.bn_scale:
             params[f"bn{i}.weight"] = torch.ones(channels, dtype=torch.float64)
         params[f"bn{i}.bias"] = torch.zeros(channels, dtype=torch.float64)
