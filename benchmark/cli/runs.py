@@ -13,24 +13,29 @@ class ProgressBar:
     accuracy, iterations per second and the time remaining; notes (e.g. "this run takes 9 hours") above it."""
 
     def __init__(self, console: Any, plan: Any) -> None:
+        self.console, self.plan = console, plan
+        self.progress: Any = None  # drawn at the run's first event: a skipped run shows no bar
+
+    def _start(self, total: int, completed: int) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        s = plan.settings
-        self.console = console
+        s = self.plan.settings
         self.progress = Progress(
-            TextColumn(f"{plan.learner} {s.way}w{s.shot}s seed {plan.seed}", markup=False),
+            TextColumn(f"{self.plan.learner} {s.way}w{s.shot}s seed {self.plan.seed}", markup=False),
             BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[metrics]}", markup=False),
             _rate_column(), TimeRemainingColumn(elapsed_when_finished=True),
-            console=console, transient=False, speed_estimate_period=60,
+            console=self.console, transient=False, speed_estimate_period=60,
         )
-        self.task = self.progress.add_task("train", total=s.iterations, metrics="")
+        # A resumed run starts part-way: the speed (and time remaining) count only this session's steps.
+        self.task = self.progress.add_task("train", total=total, completed=completed, metrics="")
         self.progress.start()
 
     def __call__(self, event: dict[str, Any]) -> None:
         kind = event["event"]
         if kind == "start":
-            # A resumed run starts part-way: reset so the speed (and time remaining) count only new steps.
-            self.progress.reset(self.task, total=event["total"], completed=event["iteration"], metrics="")
+            self._start(event["total"], event["iteration"])
+        elif self.progress is None:
+            return
         elif kind == "step":
             self.progress.update(self.task, completed=event["iteration"])
         elif kind == "log":
@@ -43,7 +48,8 @@ class ProgressBar:
             self.progress.console.print(event["text"], markup=False, style="yellow")
 
     def close(self) -> None:
-        self.progress.stop()
+        if self.progress is not None:
+            self.progress.stop()
 
 
 def _rate_column() -> Any:
