@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+# The `slurm_cluster` fixture (a real local Slurm cluster for tests marked `slurm`); imported so pytest sees it.
+from slurm_cluster import slurm_cluster  # noqa: F401
+
 REPO = Path(__file__).resolve().parents[1]
 
 
