@@ -37,7 +37,7 @@ class SlurmCluster:
     start_s: float
 
 
-def _tail(text: str, lines: int = 25) -> str:
+def _tail(text: str, lines: int = 30) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
@@ -65,7 +65,11 @@ def slurm_cluster():
     started_here = False
     t0 = time.monotonic()
     try:
-        if _run("start.sh", "--check", timeout=60).returncode != 0:
+        try:
+            up = _run("start.sh", "--check", timeout=60).returncode == 0
+        except subprocess.TimeoutExpired:
+            up = False
+        if not up:
             if os.geteuid() != 0:
                 pytest.skip(
                     f"the local Slurm cluster ({slurm_dir}) is not up and starting it needs root: "
@@ -77,6 +81,9 @@ def slurm_cluster():
                 out = e.output.decode() if isinstance(e.output, bytes) else (e.output or "")
                 pytest.skip(f"scripts/slurm/start.sh did not finish in {START_TIMEOUT_S} s:\n{_tail(out)}")
             if proc.returncode != 0:
+                # Leave no half-started daemons behind (munged may serve another cluster: left alone).
+                subprocess.run(["bash", str(SCRIPTS / "stop.sh")], env={**os.environ, "BENCH_SLURM_KEEP_MUNGE": "1"},
+                               stdin=subprocess.DEVNULL, capture_output=True, timeout=180)
                 pytest.skip(f"the local Slurm cluster failed to start (scripts/slurm/start.sh exit {proc.returncode}):\n"
                             f"{_tail(proc.stdout)}")
             started_here = True

@@ -30,7 +30,7 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 # (STEPS x STEP_S) lasts longer than that, so the first run is always interrupted, and the signal never comes
 # before submitit has installed its handler (about a second after the start).
 SIGNAL_DELAY_S = 10
-STEPS = 56
+STEPS = 55
 STEP_S = 1.0
 
 
@@ -43,6 +43,17 @@ def _executor(slurm_cluster, folder: Path, max_num_timeout: int = 3, **params):
         **params,
     )
     return ex
+
+
+def _result(job, timeout_s: float = 120):
+    """job.result(), but a broken cluster fails the test instead of hanging CI: cancel and fail after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not job.done():
+        if time.monotonic() > deadline:
+            job.cancel(check=False)
+            pytest.fail(f"job {job.job_id} not done after {timeout_s} s (state {job.state}); stderr:\n{job.stderr()}")
+        time.sleep(0.5)
+    return job.result()
 
 
 def _square(x: int) -> dict:
@@ -70,7 +81,7 @@ def _wait_sacct(job_id: str, want: str, timeout_s: float = 30) -> list[str]:
 
 def test_single_job_returns_its_value(slurm_cluster, tmp_path):
     job = _executor(slurm_cluster, tmp_path / "submitit").submit(_square, 12)
-    result = job.result()
+    result = _result(job)
     assert result["value"] == 144
     assert result["job_id"] == job.job_id
     # sacct knows the job: submitit relies on it to notice a job that died without a result.
@@ -83,7 +94,7 @@ def test_job_array_of_three(slurm_cluster, tmp_path):
     assert len(jobs) == 3
     array_ids = {job.job_id.split("_")[0] for job in jobs}
     assert len(array_ids) == 1, [job.job_id for job in jobs]  # one sbatch, one array job
-    results = [job.result() for job in jobs]
+    results = [_result(job) for job in jobs]
     assert [r["value"] for r in results] == [1, 4, 9]
     assert sorted(r["array_task"] for r in results) == ["0", "1", "2"]
     sbatch_file = jobs[0].paths.submission_file.read_text()
@@ -130,7 +141,7 @@ def test_timeout_requeue_resume(slurm_cluster, tmp_path):
                    max_num_timeout=5)
     state_file = tmp_path / "progress.json"
     job = ex.submit(StepCounter(str(state_file), STEPS, STEP_S))
-    result = job.result()
+    result = _result(job, timeout_s=300)
 
     assert result["total"] == reference["total"]
     assert result["steps"] == STEPS

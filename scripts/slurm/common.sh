@@ -24,46 +24,63 @@ export SLURM_CONF=$SLURM_ETC/slurm.conf
 
 log() { echo "[slurm $(date +%T)] $*"; }
 
-# pid_alive PIDFILE: the process named in PIDFILE exists.
+# pid_alive PIDFILE NAME: the process named in PIDFILE exists and is NAME (a pid file left behind by a
+# daemon that was killed, say when a session ended, may name an unrelated process by now).
 pid_alive() {
-  local pid
+  local pid comm
   [ -s "$1" ] || return 1
-  pid=$(cat "$1" 2>/dev/null) || return 1
-  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null
+  pid=$(tr -dc 0-9 < "$1" 2>/dev/null)
+  [ -n "$pid" ] || return 1
+  comm=$(cat "/proc/$pid/comm" 2>/dev/null) || return 1
+  [ "$comm" = "$2" ]
 }
 
 munge_ok() { munge -n 2>/dev/null | unmunge >/dev/null 2>&1; }
-mariadb_ok() { pid_alive "$MYSQL_RUN/mariadbd.pid" && mariadb-admin --socket="$MYSQL_SOCK" -u root ping >/dev/null 2>&1; }
-slurmdbd_ok() { pid_alive "$SLURM_RUN/slurmdbd.pid"; }
-slurmctld_ok() { pid_alive "$SLURM_RUN/slurmctld.pid" && scontrol ping 2>/dev/null | grep -q 'is UP'; }
-slurmd_ok() { pid_alive "$SLURM_RUN/slurmd.pid"; }
+mariadb_ok() { pid_alive "$MYSQL_RUN/mariadbd.pid" mariadbd && mariadb-admin --socket="$MYSQL_SOCK" -u root ping >/dev/null 2>&1; }
+slurmdbd_ok() { pid_alive "$SLURM_RUN/slurmdbd.pid" slurmdbd; }
+slurmctld_ok() { pid_alive "$SLURM_RUN/slurmctld.pid" slurmctld && scontrol ping 2>/dev/null | grep -q 'is UP'; }
+slurmd_ok() { pid_alive "$SLURM_RUN/slurmd.pid" slurmd; }
 # The node's state as sinfo prints it (idle, mix, alloc, down*, drain, ...), or nothing.
 node_state() { sinfo -h -N -n "$SLURM_NODE" -o %t 2>/dev/null | head -n1; }
 node_usable() { case "$(node_state)" in idle|mix|alloc|comp) return 0 ;; *) return 1 ;; esac; }
 # sacct answers only while slurmdbd (and its database) does; submitit needs it to see dead jobs.
 sacct_ok() { sacct -n -X -S now-1minutes -o JobID >/dev/null 2>&1; }
 
+# What any user can check: munge, the controller, the node and accounting answer.
+cluster_answers() {
+  # Without the file, every Slurm client first spends about a minute on DNS SRV look-ups for a controller.
+  [ -r "$SLURM_CONF" ] || return 1
+  munge_ok && scontrol ping 2>/dev/null | grep -q 'is UP' && node_usable && sacct_ok
+}
+# Root also checks that each daemon of this cluster is alive (other users cannot read all pid files).
 cluster_healthy() {
-  munge_ok && mariadb_ok && slurmdbd_ok && slurmctld_ok && slurmd_ok && node_usable && sacct_ok
+  cluster_answers || return 1
+  [ "$(id -u)" = 0 ] || return 0
+  mariadb_ok && slurmdbd_ok && slurmctld_ok && slurmd_ok
 }
 
 # wait_for SECONDS DESCRIPTION COMMAND...: poll COMMAND every half second until it succeeds.
+# With WAIT_PROC=name set, give up early when no process of that name exists after 5 s (it died at start-up).
 wait_for() {
   local secs=$1 what=$2 i
   shift 2
   for ((i = 0; i < secs * 2; i++)); do
     "$@" && return 0
+    if [ -n "${WAIT_PROC:-}" ] && [ "$i" -ge 10 ] && ! pgrep -x "$WAIT_PROC" >/dev/null; then
+      echo "start.sh: $WAIT_PROC exited while waiting for $what" >&2
+      return 1
+    fi
     sleep 0.5
   done
   echo "start.sh: timed out after ${secs}s waiting for $what" >&2
   return 1
 }
 
-# stop_pidfile NAME PIDFILE [SECONDS]: SIGTERM, wait, then SIGKILL.
+# stop_pidfile NAME PIDFILE [SECONDS]: SIGTERM the daemon NAME in PIDFILE, wait, then SIGKILL.
 stop_pidfile() {
   local name=$1 file=$2 secs=${3:-20} pid i
-  pid_alive "$file" || { rm -f "$file"; return 0; }
-  pid=$(cat "$file")
+  pid_alive "$file" "$name" || { rm -f "$file"; return 0; }
+  pid=$(tr -dc 0-9 < "$file")
   log "stopping $name (pid $pid)"
   kill -TERM "$pid" 2>/dev/null
   for ((i = 0; i < secs * 4; i++)); do

@@ -43,7 +43,7 @@ fi
 cleanup() { [ "$made_policy" = 1 ] && rm -f "$policy"; }
 trap cleanup EXIT
 
-apt_opts=(-y -q -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold)
+apt_opts=(-y -q -o DPkg::Lock::Timeout=300 -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold)
 if ! apt-get "${apt_opts[@]}" install --no-install-recommends "${missing[@]}"; then
   # The package lists may be missing or stale (a fresh machine): refresh them once and retry.
   echo "install.sh: apt-get install failed; running apt-get update and retrying" >&2

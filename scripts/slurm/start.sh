@@ -20,14 +20,15 @@ T0=$(date +%s.%N)
 
 elapsed() { python3 -c "import sys,time; print(f'{time.time()-float(sys.argv[1]):.1f}')" "$T0" 2>/dev/null || echo '?'; }
 
+# fail MESSAGE: the tail of each daemon's log, then MESSAGE last (where a reader of the tail sees it).
 fail() {
-  echo "start.sh: FAILED: $*" >&2
   local f
-  for f in "$SLURM_LOG"/slurmctld.log "$SLURM_LOG"/slurmd.log "$SLURM_LOG"/slurmdbd.log "$SLURM_LOG"/mariadb.log; do
+  for f in "$SLURM_LOG"/mariadb.log "$SLURM_LOG"/slurmdbd.log "$SLURM_LOG"/slurmctld.log "$SLURM_LOG"/slurmd.log; do
     [ -s "$f" ] || continue
     echo "---- tail of $f" >&2
-    tail -n 15 "$f" >&2
+    tail -n 6 "$f" >&2
   done
+  echo "start.sh: FAILED: $*" >&2
   exit 1
 }
 
@@ -50,11 +51,20 @@ for cmd in munged mariadbd mariadb-install-db slurmdbd slurmctld slurmd sbatch s
   command -v "$cmd" >/dev/null 2>&1 || { echo "start.sh: '$cmd' not found: run scripts/slurm/install.sh first" >&2; exit 1; }
 done
 
-mkdir -p "$BENCH_SLURM_DIR"
+if cluster_healthy; then
+  log "cluster already up and healthy (SLURM_CONF=$SLURM_CONF); nothing to do"
+  exit 0
+fi
+
 # One start/stop at a time (two test sessions may start the cluster at once): the second one waits,
-# then finds the cluster healthy.
-exec 9>"$BENCH_SLURM_DIR/.start.lock"
-flock -w 300 9 || fail "another start.sh/stop.sh holds $BENCH_SLURM_DIR/.start.lock"
+# then finds the cluster healthy. flock -o: the daemons started below must not inherit the lock.
+mkdir -p "$BENCH_SLURM_DIR"
+if [ "${BENCH_SLURM_LOCKED:-}" != 1 ]; then
+  BENCH_SLURM_LOCKED=1 flock -o -w 300 -E 75 "$BENCH_SLURM_DIR/.start.lock" bash "$0" "$@"
+  rc=$?
+  [ $rc = 75 ] && echo "start.sh: another start.sh/stop.sh held $BENCH_SLURM_DIR/.start.lock for 300 s" >&2
+  exit $rc
+fi
 # Test sessions hold a shared lock on this file while they use the cluster (tests/slurm_cluster.py).
 touch "$BENCH_SLURM_DIR/.users.lock" && chmod 644 "$BENCH_SLURM_DIR/.users.lock"
 
@@ -104,9 +114,9 @@ SelectTypeParameters=CR_CPU
 ReturnToService=2
 # Jobs may be requeued (submitit requeues a checkpointable job that reached its time limit).
 JobRequeue=1
-# Schedule every 5 s instead of the default 60 s (main) / 30 s (backfill): a requeued job restarts sooner.
+# Schedule every 2 s instead of the default 60 s (main) / 30 s (backfill): a requeued job restarts sooner.
 SchedulerType=sched/backfill
-SchedulerParameters=bf_interval=5,sched_interval=5
+SchedulerParameters=bf_interval=2,sched_interval=2
 # A job's processes get SIGKILL 5 s after SIGTERM (default 30 s).
 KillWait=5
 # Accounting through slurmdbd: submitit polls job states with sacct, and without it a job that dies
@@ -209,7 +219,9 @@ if ! mariadb_ok; then
   log "starting mariadbd"
   rm -f "$MYSQL_RUN/mariadbd.pid" "$MYSQL_SOCK"
   setsid mariadbd --defaults-file="$SLURM_ETC/my.cnf" </dev/null >>"$SLURM_LOG/mariadb.log" 2>&1 &
-  wait_for 60 mariadb mariadb_ok || fail "mariadbd did not come up"
+  MARIADB_PID=$!
+  mariadb_up_or_dead() { mariadb_ok || ! kill -0 "$MARIADB_PID" 2>/dev/null; }
+  wait_for 60 mariadb mariadb_up_or_dead && mariadb_ok || fail "mariadbd did not come up"
 fi
 mariadb --socket="$MYSQL_SOCK" -u root <<SQL || fail "could not create the slurm database user"
 CREATE DATABASE IF NOT EXISTS slurm_acct_db;
@@ -227,7 +239,7 @@ if ! slurmdbd_ok; then
   slurmdbd </dev/null >>"$SLURM_LOG/slurmdbd.log" 2>&1 || fail "slurmdbd did not start"
 fi
 # sacctmgr answers once slurmdbd has connected to the database (the first start creates its tables).
-wait_for 120 "slurmdbd to answer" sh -c 'sacctmgr -n list cluster >/dev/null 2>&1' || fail "slurmdbd does not answer"
+WAIT_PROC=slurmdbd wait_for 120 "slurmdbd to answer" sh -c 'sacctmgr -n list cluster >/dev/null 2>&1' || fail "slurmdbd does not answer"
 # Register the cluster before slurmctld first connects, and give root an association.
 if ! sacctmgr -n -P list cluster format=Cluster 2>/dev/null | grep -qx "$BENCH_SLURM_CLUSTER"; then
   sacctmgr -i add cluster "$BENCH_SLURM_CLUSTER" >/dev/null || fail "sacctmgr add cluster failed"
@@ -244,7 +256,7 @@ if ! slurmctld_ok; then
   log "starting slurmctld"
   stop_pidfile slurmctld "$SLURM_RUN/slurmctld.pid" 10 >/dev/null
   slurmctld -f "$SLURM_CONF" </dev/null >>"$SLURM_LOG/slurmctld.log" 2>&1 || fail "slurmctld did not start"
-  wait_for 60 slurmctld slurmctld_ok || fail "slurmctld does not answer"
+  WAIT_PROC=slurmctld wait_for 60 slurmctld slurmctld_ok || fail "slurmctld does not answer"
 else
   # Pick up a rewritten slurm.conf (e.g. the machine's memory changed).
   scontrol reconfigure >/dev/null 2>&1
@@ -253,7 +265,7 @@ if ! slurmd_ok; then
   log "starting slurmd"
   slurmd -f "$SLURM_CONF" </dev/null >>"$SLURM_LOG/slurmd.log" 2>&1 || fail "slurmd did not start"
 fi
-wait_for 60 "the node to register" sh -c '[ -n "$(sinfo -h -N -n '"$SLURM_NODE"' -o %t 2>/dev/null)" ] && ! sinfo -h -N -n '"$SLURM_NODE"' -o %t | grep -q "\*"' \
+WAIT_PROC=slurmd wait_for 60 "the node to register" sh -c '[ -n "$(sinfo -h -N -n '"$SLURM_NODE"' -o %t 2>/dev/null)" ] && ! sinfo -h -N -n '"$SLURM_NODE"' -o %t | grep -q "\*"' \
   || fail "node $SLURM_NODE did not register (state: $(node_state))"
 # A node left drained/down by an earlier run (e.g. a killed slurmd) is put back in service.
 case "$(node_state)" in
@@ -263,6 +275,9 @@ case "$(node_state)" in
 esac
 wait_for 60 "node $SLURM_NODE to be usable" node_usable || fail "node $SLURM_NODE is '$(node_state)', not usable"
 wait_for 60 "sacct to answer" sacct_ok || fail "sacct does not answer"
+# Each daemon of *this* cluster is running (not merely some daemon answering on the same ports).
+wait_for 10 "every daemon of this cluster" cluster_healthy \
+  || fail "a daemon of this cluster is not running (another Slurm cluster on ports 6817-6819?)"
 
 log "cluster '$BENCH_SLURM_CLUSTER' up in $(elapsed) s: node $SLURM_NODE ($NODE_HW) is $(node_state), partition $BENCH_SLURM_PARTITION"
 log "use it with: export SLURM_CONF=$SLURM_CONF"
