@@ -10,13 +10,14 @@
 #   sudo bash scripts/slurm/stop.sh [--purge]
 #
 # Needs root. Waits until sinfo shows the node usable and sacct answers; exits non-zero (with the
-# tail of the daemons' logs) when a daemon fails to come up. See /work/notes or the comments below
-# for why each non-default setting is there.
+# tail of the daemons' logs) when a daemon fails to come up. The comments in the generated
+# configuration below say why each non-default setting is there. State (job ids, accounting) is kept
+# across stop/start; `stop.sh --purge` deletes it.
 set -uo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=common.sh
 . "$HERE/common.sh"
-T0=$(date +%s.%N)
+T0=${BENCH_SLURM_T0:-$(date +%s.%N)}
 
 elapsed() { python3 -c "import sys,time; print(f'{time.time()-float(sys.argv[1]):.1f}')" "$T0" 2>/dev/null || echo '?'; }
 
@@ -60,7 +61,7 @@ fi
 # then finds the cluster healthy. flock -o: the daemons started below must not inherit the lock.
 mkdir -p "$BENCH_SLURM_DIR"
 if [ "${BENCH_SLURM_LOCKED:-}" != 1 ]; then
-  BENCH_SLURM_LOCKED=1 flock -o -w 300 -E 75 "$BENCH_SLURM_DIR/.start.lock" bash "$0" "$@"
+  BENCH_SLURM_LOCKED=1 BENCH_SLURM_T0=$T0 flock -o -w 300 -E 75 "$BENCH_SLURM_DIR/.start.lock" bash "$0" "$@"
   rc=$?
   [ $rc = 75 ] && echo "start.sh: another start.sh/stop.sh held $BENCH_SLURM_DIR/.start.lock for 300 s" >&2
   exit $rc
@@ -117,17 +118,20 @@ JobRequeue=1
 # Schedule every 2 s instead of the default 60 s (main) / 30 s (backfill): a requeued job restarts sooner.
 SchedulerType=sched/backfill
 SchedulerParameters=bf_interval=2,sched_interval=2
-# A job's processes get SIGKILL 5 s after SIGTERM (default 30 s).
+# A job's processes get SIGKILL 5 s after SIGTERM (default 30 s); submitit's job process ignores SIGTERM.
 KillWait=5
 # Accounting through slurmdbd: submitit polls job states with sacct, and without it a job that dies
-# without writing a result leaves job.result() waiting for ever.
+# without writing a result leaves job.result() waiting for ever. AccountingStorageEnforce stays unset:
+# any local user may submit without an association.
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
 AccountingStoragePort=6819
+# Per-job CPU time and memory (MaxRSS) in sacct, polled every 30 s; job states need only the above.
 JobAcctGatherType=jobacct_gather/linux
 JobAcctGatherFrequency=30
 JobCompType=jobcomp/none
 MpiDefault=none
+# Debian's default /bin/mail is not installed.
 MailProg=/bin/true
 NodeName=$SLURM_NODE NodeAddr=127.0.0.1 $NODE_HW State=UNKNOWN
 PartitionName=$BENCH_SLURM_PARTITION Nodes=ALL Default=YES MaxTime=INFINITE State=UP
@@ -172,8 +176,9 @@ port=$BENCH_SLURM_DB_PORT
 bind-address=127.0.0.1
 skip-name-resolve
 skip-log-bin
-# Small and sandbox-friendly: no native AIO (not in gVisor), a small buffer pool (slurmdbd's recommendations
-# are for production clusters).
+# Small: a 64 MB buffer pool (slurmdbd's log warns that it recommends more, for production clusters);
+# native AIO off, a precaution for sandboxed kernels (this machine runs under gVisor) that a tiny database
+# does not miss.
 innodb_use_native_aio=0
 innodb_buffer_pool_size=64M
 innodb_log_file_size=16M
