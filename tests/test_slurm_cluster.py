@@ -25,10 +25,13 @@ pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
 # (tests/ is not a package on sys.path there): ship them by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-# Requeue test: a 1-minute limit; Slurm sends USR2 `SIGNAL_DELAY_S` before it, but its time-limit check runs
-# only every 30 s, so the signal comes somewhere in [30 - delay, 60 - delay] s after the start. The work
-# (STEPS x STEP_S) lasts longer than that, so the first run is always interrupted, and the signal never comes
-# before submitit has installed its handler (about a second after the start).
+# Requeue test: a 1-minute limit. Slurm sends USR2 `SIGNAL_DELAY_S` before it, but slurmctld checks time limits
+# only every 30 s, so the signal comes somewhere in [30 - delay, 60 - delay] s after the start: [20, 50] s here.
+# The work (STEPS x STEP_S = 55 s) outlasts that, so the first run is always interrupted, and the signal never
+# comes before submitit has installed its handler (about a second after the start). A requeued run starts
+# ~12 s after a check (cred_expire=10 + scheduling), so with a 10 s delay its next signal is ~49 s away and it
+# finishes. A 20 s delay (46 steps) lets the first run end sooner, but a resumed run is then signalled ~19 s in
+# and may need a third run: measured 60 and 71 s against 69-74 s here, so the steadier setting was kept.
 SIGNAL_DELAY_S = 10
 STEPS = 55
 STEP_S = 1.0
