@@ -1,4 +1,5 @@
-"""Shared fixtures: the real Omniglot when it is present (else those tests skip), and fake trees."""
+"""Shared fixtures: the real Omniglot when it is present (else those tests skip), fake trees, and (from
+slurm_cluster.py) a real local Slurm cluster for tests marked `slurm`."""
 
 from __future__ import annotations
 
