@@ -1,4 +1,5 @@
-"""Shared fixtures: the real Omniglot when it is present (else those tests skip), and fake trees."""
+"""Shared fixtures: the real Omniglot when it is present (else those tests skip), fake trees, and (from
+slurm_cluster.py) a real local Slurm cluster for tests marked `slurm`."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import os
 from pathlib import Path
 
 import pytest
+
+# The `slurm_cluster` fixture (a real local Slurm cluster for tests marked `slurm`); imported so pytest sees it.
+from slurm_cluster import slurm_cluster  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 
