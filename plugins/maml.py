@@ -19,7 +19,7 @@ Two implementations share the learner:
 Speed switches (config fields; each is covered by the gradient-equivalence tests):
 
 * ``cuda_graph`` (default on CUDA): the whole meta-update, Adam step included, is captured once in a CUDA
-  graph and replayed (``benchmark.graphs.GraphedStep``); Adam runs with ``capturable=True``.
+  graph and replayed (``benchmark.toolkit.graphs.GraphedStep``); Adam runs with ``capturable=True``.
 * ``compile`` (default off): ``torch.compile`` of the vmapped meta-gradient. Compilation costs minutes once
   per process (the README's performance section has the measurements), so it only pays for long runs.
 
@@ -49,7 +49,7 @@ from benchmark.papers import Anchor, Paper, Preset, Quick
 from benchmark.config import option
 from benchmark.episodes import EpisodeBatch
 from benchmark.errors import ConfigError
-from benchmark.graphs import GraphedStep
+from benchmark.toolkit.graphs import GraphedStep
 from benchmark.learner import Episodes, Learner, RunContext
 from benchmark.toolkit.conv4 import (
     DEPTH, Conv4Arch, Params, conv4_forward, init_conv4, load_training_state, training_state,

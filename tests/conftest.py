@@ -53,7 +53,7 @@ def omniglot_dir() -> Path:
 @pytest.fixture(scope="session")
 def omniglot(omniglot_dir):
     """The real data set, decoded once (cached in the user's cache dir, or BENCH_CACHE_DIR)."""
-    from benchmark.data import load_omniglot
+    from benchmark.harness.data import load_omniglot
 
     return load_omniglot(omniglot_dir)
 

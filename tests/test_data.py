@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from benchmark.cli import main
-from benchmark.data import load_omniglot
-from benchmark.data.fake import make_fake_omniglot
-from benchmark.data.omniglot import REAL_CONTENT_SHA256, verify
-from benchmark.data.sources import DOWNLOAD_URLS, find_sources
+from benchmark.harness.data import load_omniglot
+from benchmark.harness.data.fake import make_fake_omniglot
+from benchmark.harness.data.omniglot import REAL_CONTENT_SHA256, verify
+from benchmark.harness.data.sources import DOWNLOAD_URLS, find_sources
 from benchmark.errors import DataError
 
 
@@ -109,7 +109,7 @@ def test_download_lands_checked_zips_in_the_cache(tmp_path, isolated_cache, monk
     """The real download path against a loopback server; an md5 mismatch is refused and leaves nothing."""
     import hashlib
 
-    from benchmark.data import sources
+    from benchmark.harness.data import sources
 
     src = make_fake_omniglot(tmp_path / "remote", zips=True)
     urls = {s: f"{http_server}/{s}.zip" for s in sources.SETS}

@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 
 from benchmark.cli import main
-from benchmark.data import omniglot, sources
-from benchmark.data.cache import LOCK_NAME
-from benchmark.data.fake import make_fake_omniglot
+from benchmark.harness.data import omniglot, sources
+from benchmark.harness.data.cache import LOCK_NAME
+from benchmark.harness.data.fake import make_fake_omniglot
 
 
 def bench(capsys, *args: str) -> tuple[int, str, str]:

@@ -1,7 +1,7 @@
 """``GraphedStep``: warm-up, capture, replay with new inputs, and the fallbacks.
 
 On a CPU: the device check, the stream discipline and the failed-capture fallback against a stand-in for
-``torch.cuda`` (``fake_cuda``), and ``benchmark.perf.graph_status``. The rest needs a GPU (``-m gpu``).
+``torch.cuda`` (``fake_cuda``), and ``benchmark.harness.perf.graph_status``. The rest needs a GPU (``-m gpu``).
 
 The test whose capture fails on purpose runs in a child process: on torch 2.11 a failed capture can leave
 the caching allocator damaged for the rest of the process (fixed upstream later), which would fail the
@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmark.graphs import GraphedStep
+from benchmark.toolkit.graphs import GraphedStep
 from benchmark.harness.runtime import private_pool_mb
-from benchmark.perf import graph_status
+from benchmark.harness.perf import graph_status
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -181,7 +181,7 @@ def test_a_capture_that_differs_from_eager_is_dropped():
 _UNCAPTURABLE_STEP = """
 import warnings
 import torch
-from benchmark.graphs import GraphedStep
+from benchmark.toolkit.graphs import GraphedStep
 
 total = torch.zeros((), device="cuda")
 

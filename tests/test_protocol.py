@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmark.data import load_omniglot
-from benchmark.data.fake import make_fake_omniglot
+from benchmark.harness.data import load_omniglot
+from benchmark.harness.data.fake import make_fake_omniglot
 from benchmark.errors import ProtocolError
 from benchmark.harness.protocol import (
     PROTOCOLS,

@@ -10,7 +10,7 @@ from benchmark.cli.options import data_dir_option
 
 def _checks(data) -> list[dict]:
     """Each verification as {name, ok, detail}."""
-    from benchmark.data.omniglot import DRAWINGS, EXPECTED, REAL_CONTENT_SHA256, set_counts
+    from benchmark.harness.data.omniglot import DRAWINGS, EXPECTED, REAL_CONTENT_SHA256, set_counts
 
     checks = []
     for set_name, (alphabets, characters) in set_counts(data.characters).items():
@@ -43,7 +43,7 @@ def data(data_dir: str | None, no_download: bool, as_json: bool) -> None:
     holds: 30 + 20 alphabets, 964 + 659 characters, 20 drawings each, zip checksums, decoded content hash.
     """
     from benchmark.cli.console import print_json, stdout_console
-    from benchmark.data.omniglot import load_omniglot
+    from benchmark.harness.data.omniglot import load_omniglot
 
     t0 = time.perf_counter()
     loaded = load_omniglot(data_dir, download=not no_download, strict=False)

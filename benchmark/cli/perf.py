@@ -64,7 +64,7 @@ def _measure(plan: Any, session: Any, iterations: int, warmup: int, reference_it
     from benchmark.harness.provenance import environment
     from benchmark.harness.runner import build_learner
     from benchmark.learner import config_as_dict
-    from benchmark.perf import speedups, time_evaluation, time_training, variants_to_time
+    from benchmark.harness.perf import speedups, time_evaluation, time_training, variants_to_time
 
     s = plan.settings
     shipped = build_learner(plan, session)

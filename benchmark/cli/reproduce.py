@@ -125,7 +125,7 @@ def _run_cells(paper, registry, learners, cells, iterations, quick, device, data
 def _write_table(paper, learners, cells, quick, out: Path) -> None:
     from benchmark.cli.console import stdout_console
     from benchmark.reporting.reproduce import comparison, render
-    from benchmark.results import atomic_write_bytes
+    from benchmark.harness.atomic import atomic_write_bytes
 
     label = (f"QUICK CPU smoke: {paper.quick.description}; not the paper protocol" if quick
              else "see the protocol column")

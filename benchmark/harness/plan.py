@@ -168,7 +168,7 @@ def plan_runs(request: RunRequest, *, registry: Any = None) -> tuple[list[RunPla
 
 def open_session(device_name: str, data_dir: str | None, settings: RunSettings, registry: Any) -> Session:
     """Resolve the device, load the data onto it and check the episode shapes against every split."""
-    from benchmark.data import load_omniglot
+    from benchmark.harness.data import load_omniglot
     from benchmark.harness.protocol import EpisodeSpec, get_protocol, load_pools
     from benchmark.harness.runtime import resolve_device
 

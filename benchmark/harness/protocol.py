@@ -20,7 +20,7 @@ from typing import Iterator
 
 import torch
 
-from benchmark.data.omniglot import DRAWINGS, OmniglotImages
+from benchmark.harness.data.omniglot import DRAWINGS, OmniglotImages
 from benchmark.episodes import EpisodeBatch, LabeledBatch
 from benchmark.errors import DataError, ProtocolError
 from benchmark.learner import seed_from
@@ -58,7 +58,7 @@ class Protocol:
         """Character names of one split, e.g. "images_evaluation/Gurmukhi/character42"; sha256-checked."""
         if split not in SPLITS:
             raise ProtocolError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-        raw = resources.files("benchmark.data").joinpath(f"splits/{self.name}/{split}.txt").read_bytes()
+        raw = resources.files("benchmark.harness.data").joinpath(f"splits/{self.name}/{split}.txt").read_bytes()
         digest = hashlib.sha256(raw).hexdigest()
         if digest != SPLIT_FILE_SHA256[(self.name, split)]:
             raise DataError(

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from benchmark.errors import BenchError
-from benchmark.results import atomic_write_bytes, atomic_write_csv, atomic_write_json, remove_temporaries
+from benchmark.harness.atomic import atomic_write_bytes, atomic_write_csv, atomic_write_json, remove_temporaries
 
 CONFIG, MANIFEST, TRAIN_LOG, EPISODES, SUMMARY, CHECKPOINT, BEST, LOCK = (
     "config.json", "manifest.json", "train_log.csv", "episodes.csv", "summary.json", "checkpoint.pt", "best.pt",

@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmark.data.cache import cache_lock, why_unwritable
+from benchmark.harness.data.cache import cache_lock, why_unwritable
 from benchmark.errors import DataError
 
 SETS = ("images_background", "images_evaluation")

@@ -27,7 +27,7 @@ def graph_status(learner: Learner) -> dict[str, Any] | None:
     """Whether the learner's CUDA graph was captured, or why it runs eagerly; None if it holds no
     ``GraphedStep``. Looks at every attribute, so it names no learner (several graphs: captured only if
     all are, their reasons joined)."""
-    from benchmark.graphs import GraphedStep
+    from benchmark.toolkit.graphs import GraphedStep
 
     steps = {name: value for name, value in vars(learner).items() if isinstance(value, GraphedStep)}
     if not steps:

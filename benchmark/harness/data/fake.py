@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from benchmark.data.omniglot import DRAWINGS
-from benchmark.data.sources import SETS
+from benchmark.harness.data.omniglot import DRAWINGS
+from benchmark.harness.data.sources import SETS
 
 
 def make_fake_omniglot(

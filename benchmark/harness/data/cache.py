@@ -17,7 +17,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from benchmark.results import remove_temporaries
+from benchmark.harness.atomic import remove_temporaries
 
 #: Lock file in the cache folder.
 LOCK_NAME = "omniglot28.lock"

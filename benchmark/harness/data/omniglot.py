@@ -22,10 +22,10 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmark.data.cache import CacheDir, Warn, warn_on_stderr
-from benchmark.data.sources import SETS, Sources, cache_root, find_sources
+from benchmark.harness.data.cache import CacheDir, Warn, warn_on_stderr
+from benchmark.harness.data.sources import SETS, Sources, cache_root, find_sources
 from benchmark.errors import DataError
-from benchmark.results import atomic_torch_save, atomic_write_json
+from benchmark.harness.atomic import atomic_torch_save, atomic_write_json
 
 IMAGE_SIZE = 28
 DRAWINGS = 20
