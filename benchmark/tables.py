@@ -92,7 +92,7 @@ def _record(finished: FinishedRun) -> dict[str, Any]:
         "train": "as test" if train == (run["way"], run["shot"], run["query"]) else "{}w{}s, {} queries/class".format(*train),
         "seed": run["seed"],
         "iterations": run["iterations"],
-        "select": run["select"],
+        "select": run["select"] + (f" (ensemble of {run['ensemble']})" if run.get("ensemble", 1) > 1 else ""),
         "episodes": finished.accuracy.size,
         "reduced": bool(run.get("reduced", False)),
         "preset": run.get("preset"),

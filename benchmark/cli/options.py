@@ -60,7 +60,7 @@ time_limit_option = click.option(
 
 #: RunSettings fields that ``bench run`` sets with options of the same name (way/shot are separate).
 SETTING_OPTIONS = ("query", "train_way", "train_shot", "train_query", "iterations", "episodes", "episode_seed",
-                   "protocol", "select", "val_every", "val_episodes", "log_every", "checkpoint_every")
+                   "protocol", "select", "ensemble", "val_every", "val_episodes", "log_every", "checkpoint_every")
 
 
 def run_setting_options(func: F) -> F:
@@ -80,6 +80,8 @@ def run_setting_options(func: F) -> F:
         click.option("--protocol", type=str, default=None, help=f"Class split: vinyals or lake (default {_D.protocol})."),
         click.option("--select", type=click.Choice(SELECTIONS), default=None,
                      help=f"Weights to test: the last iterate or the best validation checkpoint (default {_D.select})."),
+        click.option("--ensemble", type=int, default=None, metavar="K",
+                     help="With --select best-val: average the logits of the K best validation checkpoints (default 1)."),
         click.option("--val-every", type=int, default=None, help=f"Validate every N iterations (default {_D.val_every})."),
         click.option("--val-episodes", type=int, default=None,
                      help=f"Validation episodes (val split, fixed seed; default {_D.val_episodes})."),

@@ -10,7 +10,8 @@ Layout of ``<out>/<learner>-<N>w<K>s-<protocol>-seed<S>-<confighash>/``:
 ``episodes.csv``   one row per test episode: ``episode,accuracy``
 ``summary.json``   mean, 95% CI, n, times, memory, selection; written last: its presence means finished
 ``checkpoint.pt``  the learner's state and every random stream, for resuming
-``best.pt``        with ``--select best-val``: the learner's state at its best validation accuracy
+``best-<i>.pt``    with ``--select best-val``: the learner's states at its ``ensemble`` best validation
+                   accuracies (one file unless ``--ensemble`` asks for more)
 ``.lock``          locked (``filelock``) by the process that works on the run; ``--force`` empties the
                    directory but keeps this file, so the lock holds throughout
 =================  ===================================================================================
@@ -35,10 +36,14 @@ from typing import Any, Iterable, Mapping
 from benchmark.errors import BenchError
 from benchmark.harness.atomic import atomic_write_bytes, atomic_write_csv, atomic_write_json, remove_temporaries
 
-CONFIG, MANIFEST, TRAIN_LOG, EPISODES, SUMMARY, CHECKPOINT, BEST, LOCK = (
-    "config.json", "manifest.json", "train_log.csv", "episodes.csv", "summary.json", "checkpoint.pt", "best.pt",
-    ".lock",
+CONFIG, MANIFEST, TRAIN_LOG, EPISODES, SUMMARY, CHECKPOINT, LOCK = (
+    "config.json", "manifest.json", "train_log.csv", "episodes.csv", "summary.json", "checkpoint.pt", ".lock",
 )
+
+
+def best_file(slot: int) -> str:
+    """The file of the ``slot``-th kept best-validation state."""
+    return f"best-{slot}.pt"
 #: The files that make a finished run (what ``bench table`` reads).
 FINISHED = (CONFIG, EPISODES, SUMMARY)
 
@@ -114,7 +119,7 @@ class RunDirectory:
         atomic_write_json(self / SUMMARY, json_safe(summary))
 
     def save_state(self, name: str, state: Any) -> None:
-        """A checkpoint (``CHECKPOINT`` or ``BEST``) via ``torch.save``, atomically."""
+        """A checkpoint (``CHECKPOINT`` or a ``best_file``) via ``torch.save``, atomically."""
         import torch
 
         buffer = io.BytesIO()

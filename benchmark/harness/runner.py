@@ -53,22 +53,22 @@ class TrainState:
     train_seconds: float = 0.0
     val_seconds: float = 0.0
     last_val: float | None = None
-    best_val: float | None = None
-    best_iteration: int | None = None
+    #: The best validation results so far, best first: [validation accuracy, iteration, file slot].
+    best: list[list[float | int]] = field(default_factory=list)
     #: Metrics accumulated since the last log row (kept across a stop so the log matches an unbroken run).
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     window: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {"iteration": self.iteration, "log": self.log, "train_seconds": self.train_seconds,
-                "val_seconds": self.val_seconds, "last_val": self.last_val, "best_val": self.best_val,
-                "best_iteration": self.best_iteration, "pending": {"sums": self.sums, "window": self.window}}
+                "val_seconds": self.val_seconds, "last_val": self.last_val, "best": self.best,
+                "pending": {"sums": self.sums, "window": self.window}}
 
     @staticmethod
     def from_dict(ckpt: dict[str, Any]) -> TrainState:
         pending = ckpt.get("pending", {})
         return TrainState(ckpt["iteration"], ckpt["log"], ckpt["train_seconds"], ckpt.get("val_seconds", 0.0),
-                          ckpt.get("last_val"), ckpt.get("best_val"), ckpt.get("best_iteration"),
+                          ckpt.get("last_val"), ckpt.get("best", []),
                           pending.get("sums", {}), pending.get("window", 0))
 
 
@@ -85,14 +85,9 @@ def build_learner(plan: RunPlan, session: Session) -> Learner:
     return plan.learner_cls(plan.config, run_context(plan, session))
 
 
-def evaluate(learner: Learner, manifest: Manifest, pool: ClassPool, batch_size: int) -> torch.Tensor:
-    """Score ``learner`` on every episode of ``manifest``.
-
-    Returns:
-        accuracies [E] float64 on the CPU: the fraction of query images classified correctly per episode.
-    """
+def _predicted(learner: Learner, manifest: Manifest, pool: ClassPool, batch_size: int):
+    """(logits [T, N*Q, N], query labels [T, N*Q]) for each batch of ``manifest``'s episodes, shape-checked."""
     spec = manifest.spec
-    per_batch = []
     for _, batch in manifest.batches(pool, max(1, batch_size)):
         logits = learner.predict(batch.support_x, batch.support_y, batch.query_x)
         want = (batch.num_tasks, spec.way * spec.query, spec.way)
@@ -101,8 +96,26 @@ def evaluate(learner: Learner, manifest: Manifest, pool: ClassPool, batch_size: 
                 f"learner {learner.name!r} returned logits of shape {list(logits.shape)} from predict, "
                 f"expected {list(want)} ([tasks, way*query, way])"
             )
-        per_batch.append((logits.argmax(-1) == batch.query_y).to(torch.float64).mean(1).detach())
+        yield logits.detach(), batch.query_y
+
+
+def evaluate(learner: Learner, manifest: Manifest, pool: ClassPool, batch_size: int) -> torch.Tensor:
+    """Score ``learner`` on every episode of ``manifest``.
+
+    Returns:
+        accuracies [E] float64 on the CPU: the fraction of query images classified correctly per episode.
+    """
+    per_batch = [(logits.argmax(-1) == labels).to(torch.float64).mean(1)
+                 for logits, labels in _predicted(learner, manifest, pool, batch_size)]
     return torch.cat(per_batch).cpu()  # one host synchronization for the whole evaluation
+
+
+def manifest_logits(learner: Learner, manifest: Manifest, pool: ClassPool, batch_size: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits [E, N*Q, N] (float64) and query labels [E, N*Q] of every episode of ``manifest``, on the pool's
+    device."""
+    pairs = list(_predicted(learner, manifest, pool, batch_size))
+    return torch.cat([logits.to(torch.float64) for logits, _ in pairs]), torch.cat([y for _, y in pairs])
 
 
 def _read_metrics(sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:
@@ -247,8 +260,7 @@ class Runner:
             t0 = time.perf_counter()
             stop.immediate = True  # evaluation has no boundary to stop at: a signal ends it at once
             try:
-                selected = self._select(learner, train)
-                accuracies = evaluate(learner, test_manifest, pools.test, learner.eval_batch_size)
+                accuracies, selected = self._select_and_evaluate(learner, train, test_manifest)
             except _Interrupted as exc:
                 raise RunStopped(f"{exc.reason} during the final evaluation: training is complete and checkpointed "
                                  f"in {self.dir.path}; run the same command again to evaluate", exc.exit_code) from None
@@ -359,21 +371,42 @@ class Runner:
         row["val_accuracy"] = train.last_val = float(
             evaluate(learner, manifest, self.session.pools.val, learner.eval_batch_size).mean())
         train.val_seconds += time.perf_counter() - start
-        if self.plan.settings.select == "best-val" and (train.best_val is None or train.last_val > train.best_val):
-            # Strictly better only: on a tie the earlier weights stay selected.
-            train.best_val, train.best_iteration = train.last_val, train.iteration
-            self.dir.save_state(R.BEST, {"learner": learner.state_dict(), "iteration": train.iteration,
-                                         "val_accuracy": train.last_val})
+        if self.plan.settings.select == "best-val":
+            self._keep_if_best(learner, train)
 
-    def _select(self, learner: Learner, train: TrainState) -> dict[str, Any]:
-        """Load the weights to test: the last iterate, or the best validation checkpoint."""
-        if self.plan.settings.select != "best-val" or train.best_iteration is None:
-            return {"select": self.plan.settings.select, "selected_iteration": train.iteration,
-                    "selected_val_accuracy": train.last_val}
-        best = self.dir.load_state(R.BEST, self.session.device)
-        learner.load_state_dict(best["learner"])
-        return {"select": "best-val", "selected_iteration": int(best["iteration"]),
-                "selected_val_accuracy": float(best["val_accuracy"])}
+    def _keep_if_best(self, learner: Learner, train: TrainState) -> None:
+        """Keep the learner's state if its validation accuracy is among the ``ensemble`` best so far (strictly
+        better than the worst kept: on a tie the earlier weights stay)."""
+        k = self.plan.settings.ensemble
+        if len(train.best) < k:
+            slot = len(train.best)
+        elif train.last_val > train.best[-1][0]:
+            slot = int(train.best.pop()[2])
+        else:
+            return
+        self.dir.save_state(R.best_file(slot), {"learner": learner.state_dict(), "iteration": train.iteration,
+                                                "val_accuracy": train.last_val})
+        train.best.append([train.last_val, train.iteration, slot])
+        train.best.sort(key=lambda entry: (-entry[0], entry[1]))
+
+    def _select_and_evaluate(self, learner: Learner, train: TrainState, manifest: Manifest) -> tuple[torch.Tensor, dict]:
+        """The test accuracies of the weights the plan selects: the last iterate, the best validation
+        checkpoint, or the mean logits of the ``ensemble`` best validation checkpoints."""
+        settings, pool = self.plan.settings, self.session.pools.test
+        if settings.select != "best-val" or not train.best:
+            selected = {"select": settings.select, "selected_iterations": [train.iteration],
+                        "selected_val_accuracy": train.last_val}
+            return evaluate(learner, manifest, pool, learner.eval_batch_size), selected
+        logits_sum = None
+        for _, _, slot in train.best:
+            learner.load_state_dict(self.dir.load_state(R.best_file(int(slot)), self.session.device)["learner"])
+            logits, labels = manifest_logits(learner, manifest, pool, learner.eval_batch_size)
+            logits_sum = logits if logits_sum is None else logits_sum + logits
+        accuracies = (logits_sum.argmax(-1) == labels).to(torch.float64).mean(1)
+        selected = {"select": "best-val", "ensemble": len(train.best),
+                    "selected_iterations": [int(entry[1]) for entry in train.best],
+                    "selected_val_accuracy": [float(entry[0]) for entry in train.best]}
+        return accuracies.cpu(), selected
 
     def _checkpoint(self, learner: Learner, samplers: list[Any], train: TrainState) -> None:
         """Checkpoint and log together: the log is rewritten from the rows the checkpoint holds."""

@@ -35,6 +35,8 @@ class RunSettings:
         protocol: the class split (``vinyals`` or ``lake``).
         select: which weights are tested: ``last`` (the final iterate) or ``best-val`` (the checkpoint
             with the best validation accuracy; validation uses its own fixed episodes only).
+        ensemble: with ``best-val``, average the logits of this many best validation checkpoints (MAML++
+            tests an ensemble of 5).
         val_every, val_episodes: validate every N iterations on this many validation episodes.
         log_every: read metrics back from the device (one log row) every N iterations.
         checkpoint_every: checkpoint every N iterations.
@@ -51,6 +53,7 @@ class RunSettings:
     episode_seed: int = 0
     protocol: str = "vinyals"
     select: Selection = "last"
+    ensemble: int = 1
     val_every: int = 500
     val_episodes: int = 100
     log_every: int = 50
@@ -81,6 +84,9 @@ class RunSettings:
                 raise BenchError(f"--{name.replace('_', '-')} must be at least {low} (got {getattr(self, name)})")
         if self.select not in SELECTIONS:
             raise BenchError(f"--select must be one of {', '.join(SELECTIONS)} (got {self.select!r})")
+        if self.ensemble < 1 or (self.ensemble > 1 and self.select != "best-val"):
+            raise BenchError(f"--ensemble {self.ensemble} needs to be 1, or more with --select best-val (it averages "
+                             "the best validation checkpoints)")
 
 
 def settings_from(values: Mapping[str, Any], source: str) -> dict[str, Any]:
