@@ -222,6 +222,16 @@ class PerfVariants(Protocol):
         """Labelled configs between the reference and the shipped learner (``bench perf --ablation``)."""
 
 
+@runtime_checkable
+class AdaptationSteps(Protocol):
+    """Optional, for learners that adapt to an episode by gradient steps: the logits after each step, so
+    the harness can record test accuracy against adaptation steps (as the MAML reference code logs it) and
+    ``bench plot`` can draw it. The last step's logits must be exactly what ``predict`` returns."""
+
+    def predict_steps(self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor) -> torch.Tensor:
+        """Logits [S+1, T, N*Q, N] after 0, 1, ..., S adaptation steps (same inputs as ``predict``)."""
+
+
 def config_as_dict(config: Any) -> dict[str, Any]:
     """A config dataclass as a plain, JSON-friendly dict (Enum members become their values)."""
     if not dataclasses.is_dataclass(config):

@@ -155,14 +155,22 @@ def vectorized_meta_gradient(
 
 def vectorized_adapted_logits(
     params: Params, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor, inner: InnerLoop,
-    steps: int,
+    steps: int, every_step: bool = False,
 ) -> torch.Tensor:
-    """Adapt to each of T support sets for ``steps`` steps and classify its query set: -> logits [T, N*Q, N]."""
+    """Adapt to each of T support sets for ``steps`` steps and classify its query set: -> logits [T, N*Q, N],
+    or with ``every_step`` the logits after 0..steps steps, [steps+1, T, N*Q, N]."""
 
     def one_task(sx_t, sy_t, qx_t):
-        return conv4_forward(adapt(params, sx_t, sy_t, inner, steps), qx_t, inner.arch)
+        if not every_step:
+            return conv4_forward(adapt(params, sx_t, sy_t, inner, steps), qx_t, inner.arch)
+        p, logits = params, [conv4_forward(params, qx_t, inner.arch)]
+        for _ in range(steps):
+            p = adapt(p, sx_t, sy_t, inner, 1)
+            logits.append(conv4_forward(p, qx_t, inner.arch))
+        return torch.stack(logits)
 
-    return vmap(one_task)(support_x, support_y, query_x)
+    out = vmap(one_task)(support_x, support_y, query_x)
+    return out.transpose(0, 1) if every_step else out
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -229,16 +237,23 @@ def reference_meta_gradient(
 
 def reference_adapted_logits(
     params: Params, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor, inner: InnerLoop,
-    steps: int,
+    steps: int, every_step: bool = False,
 ) -> torch.Tensor:
-    """Loop counterpart of ``vectorized_adapted_logits``: -> logits [T, N*Q, N]."""
+    """Loop counterpart of ``vectorized_adapted_logits``: -> logits [T, N*Q, N] (or [steps+1, T, N*Q, N])."""
     out = []
     with torch.enable_grad():
         for t in range(support_x.shape[0]):
-            leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
-            fast = reference_adapt(leaves, support_x[t], support_y[t], inner, steps, create_graph=False)
-            out.append(reference_forward(fast, query_x[t], inner.arch).detach())
-    return torch.stack(out)
+            fast = {k: v.detach().requires_grad_() for k, v in params.items()}
+            per_step = [reference_forward(fast, query_x[t], inner.arch).detach()]
+            for _ in range(steps if every_step else 0):
+                fast = reference_adapt(fast, support_x[t], support_y[t], inner, 1, create_graph=False)
+                per_step.append(reference_forward(fast, query_x[t], inner.arch).detach())
+            if not every_step:
+                fast = reference_adapt(fast, support_x[t], support_y[t], inner, steps, create_graph=False)
+                per_step = [reference_forward(fast, query_x[t], inner.arch).detach()]
+            out.append(torch.stack(per_step))
+    logits = torch.stack(out, dim=1)  # [S+1 or 1, T, N*Q, N]
+    return logits if every_step else logits[0]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -399,10 +414,18 @@ class MAML(Learner):
         return loss.detach(), acc.detach()
 
     def predict(self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor) -> torch.Tensor:
+        return self._adapted_logits(support_x, support_y, query_x, every_step=False)
+
+    def predict_steps(self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor) -> torch.Tensor:
+        """Logits [S+1, T, N*Q, N] after 0..S test-time steps (``benchmark.learner.AdaptationSteps``)."""
+        return self._adapted_logits(support_x, support_y, query_x, every_step=True)
+
+    def _adapted_logits(self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor,
+                        every_step: bool) -> torch.Tensor:
         fn = vectorized_adapted_logits if self.vectorized else reference_adapted_logits
         with torch.enable_grad():  # adaptation needs gradients even if a caller disabled them
             logits = fn(self._frozen_params(), support_x.to(self.dtype), support_y, query_x.to(self.dtype),
-                        self.inner, self.config.test_inner_steps)
+                        self.inner, self.config.test_inner_steps, every_step)
         return logits.detach()
 
     def state_dict(self) -> dict[str, Any]:

@@ -8,6 +8,7 @@ Layout of ``<out>/<learner>-<N>w<K>s-<protocol>-seed<S>-<confighash>/``:
 ``manifest.json``  the test episodes, with their content hash
 ``train_log.csv``  one row every ``log_every`` iterations: metrics, seconds per iteration, validation
 ``episodes.csv``   one row per test episode: ``episode,accuracy``
+``steps.csv``      for learners that adapt by gradient steps: ``episode,step,accuracy`` after each step
 ``summary.json``   mean, 95% CI, n, times, memory, selection; written last: its presence means finished
 ``checkpoint.pt``  the learner's state and every random stream, for resuming
 ``best-<i>.pt``    with ``--select best-val``: the learner's states at its ``ensemble`` best validation
@@ -36,8 +37,9 @@ from typing import Any, Iterable, Mapping
 from benchmark.errors import BenchError
 from benchmark.harness.atomic import atomic_write_bytes, atomic_write_csv, atomic_write_json, remove_temporaries
 
-CONFIG, MANIFEST, TRAIN_LOG, EPISODES, SUMMARY, CHECKPOINT, LOCK = (
-    "config.json", "manifest.json", "train_log.csv", "episodes.csv", "summary.json", "checkpoint.pt", ".lock",
+CONFIG, MANIFEST, TRAIN_LOG, EPISODES, STEPS, SUMMARY, CHECKPOINT, LOCK = (
+    "config.json", "manifest.json", "train_log.csv", "episodes.csv", "steps.csv", "summary.json", "checkpoint.pt",
+    ".lock",
 )
 
 
@@ -117,6 +119,11 @@ class RunDirectory:
         atomic_write_csv(self / EPISODES, ["episode", "accuracy"],
                          ((i, f"{a:.6f}") for i, a in enumerate(accuracies)))
         atomic_write_json(self / SUMMARY, json_safe(summary))
+
+    def write_steps(self, by_step: list[list[float]]) -> None:
+        """``steps.csv``: the accuracy of every test episode after every adaptation step ([S+1][E] values)."""
+        atomic_write_csv(self / STEPS, ["episode", "step", "accuracy"],
+                         ((e, s, f"{a:.6f}") for s, row in enumerate(by_step) for e, a in enumerate(row)))
 
     def save_state(self, name: str, state: Any) -> None:
         """A checkpoint (``CHECKPOINT`` or a ``best_file``) via ``torch.save``, atomically."""

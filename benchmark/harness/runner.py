@@ -24,7 +24,7 @@ from benchmark.errors import BenchError, PluginError, RunStopped
 from benchmark.harness import rundir as R
 from benchmark.harness.plan import RunPlan, Session
 from benchmark.harness.protocol import ClassPool, EpisodeSpec, Manifest, draw, make_sampler
-from benchmark.learner import Episodes, Learner, Minibatches, RunContext
+from benchmark.learner import AdaptationSteps, Episodes, Learner, Minibatches, RunContext
 
 #: Validation episodes are drawn with this seed, whatever the training seed, so curves are comparable.
 VALIDATION_SEED = 0
@@ -110,6 +110,23 @@ def evaluate(learner: Learner, manifest: Manifest, pool: ClassPool, batch_size: 
     return torch.cat(per_batch).cpu()  # one host synchronization for the whole evaluation
 
 
+def evaluate_by_step(learner: Learner, manifest: Manifest, pool: ClassPool, batch_size: int) -> torch.Tensor:
+    """Per-episode accuracy after each adaptation step, for learners with ``predict_steps``.
+
+    Returns:
+        [S+1, E] float64 on the CPU; the last row is exactly what ``evaluate`` gives.
+    """
+    spec, per_batch = manifest.spec, []
+    for _, batch in manifest.batches(pool, max(1, batch_size)):
+        logits = learner.predict_steps(batch.support_x, batch.support_y, batch.query_x)  # [S+1, T, N*Q, N]
+        want = (batch.num_tasks, spec.way * spec.query, spec.way)
+        if logits.dim() != 4 or tuple(logits.shape[1:]) != want:
+            raise PluginError(f"learner {learner.name!r} returned logits of shape {list(logits.shape)} from "
+                              f"predict_steps, expected [steps+1, {', '.join(map(str, want))}]")
+        per_batch.append((logits.argmax(-1) == batch.query_y).to(torch.float64).mean(-1))
+    return torch.cat(per_batch, dim=1).cpu()
+
+
 def manifest_logits(learner: Learner, manifest: Manifest, pool: ClassPool, batch_size: int
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits [E, N*Q, N] (float64) and query labels [E, N*Q] of every episode of ``manifest``, on the pool's
@@ -148,6 +165,7 @@ class Runner:
         self.time_limit = time_limit
         self._environment = environment
         self._started = time.monotonic()
+        self._by_step: torch.Tensor | None = None
 
     @cached_property
     def environment(self) -> dict[str, Any]:
@@ -266,6 +284,9 @@ class Runner:
                                  f"in {self.dir.path}; run the same command again to evaluate", exc.exit_code) from None
             eval_seconds = time.perf_counter() - t0
         summary = self._summary(accuracies, train, eval_seconds, test_manifest, selected)
+        if self._by_step is not None:
+            summary["accuracy_by_step"] = self._by_step.mean(dim=1).tolist()
+            self.dir.write_steps(self._by_step.tolist())
         self.dir.write_results(accuracies.tolist(), summary)
         self.progress({"event": "done", "summary": summary})
         return RunOutcome(self.dir.path, summary, resumed_from=resumed_from)
@@ -396,7 +417,12 @@ class Runner:
         if settings.select != "best-val" or not train.best:
             selected = {"select": settings.select, "selected_iterations": [train.iteration],
                         "selected_val_accuracy": train.last_val}
-            return evaluate(learner, manifest, pool, learner.eval_batch_size), selected
+            return self._evaluate(learner, manifest, pool), selected
+        if settings.ensemble == 1:
+            learner.load_state_dict(self.dir.load_state(R.best_file(int(train.best[0][2])), self.session.device)["learner"])
+            selected = {"select": "best-val", "selected_iterations": [int(train.best[0][1])],
+                        "selected_val_accuracy": float(train.best[0][0])}
+            return self._evaluate(learner, manifest, pool), selected
         logits_sum = None
         for _, _, slot in train.best:
             learner.load_state_dict(self.dir.load_state(R.best_file(int(slot)), self.session.device)["learner"])
@@ -407,6 +433,16 @@ class Runner:
                     "selected_iterations": [int(entry[1]) for entry in train.best],
                     "selected_val_accuracy": [float(entry[0]) for entry in train.best]}
         return accuracies.cpu(), selected
+
+    def _evaluate(self, learner: Learner, manifest: Manifest, pool: ClassPool) -> torch.Tensor:
+        """Test accuracies [E]; for learners that adapt by steps, also the accuracy after each step (written to
+        the run directory)."""
+        if not isinstance(learner, AdaptationSteps):
+            self._by_step = None
+            return evaluate(learner, manifest, pool, learner.eval_batch_size)
+        by_step = evaluate_by_step(learner, manifest, pool, learner.eval_batch_size)
+        self._by_step = by_step
+        return by_step[-1]
 
     def _checkpoint(self, learner: Learner, samplers: list[Any], train: TrainState) -> None:
         """Checkpoint and log together: the log is rewritten from the rows the checkpoint holds."""
