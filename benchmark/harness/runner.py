@@ -283,7 +283,7 @@ class Runner:
                 raise RunStopped(f"{exc.reason} during the final evaluation: training is complete and checkpointed "
                                  f"in {self.dir.path}; run the same command again to evaluate", exc.exit_code) from None
             eval_seconds = time.perf_counter() - t0
-        summary = self._summary(accuracies, train, eval_seconds, test_manifest, selected)
+        summary = R.json_safe(self._summary(accuracies, train, eval_seconds, test_manifest, selected))
         if self._by_step is not None:
             summary["accuracy_by_step"] = self._by_step.mean(dim=1).tolist()
             self.dir.write_steps(self._by_step.tolist())
