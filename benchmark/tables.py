@@ -13,7 +13,8 @@ Choices (each one is stated in the rendered table too):
   the user meant.
 * **Seeds.** Runs with the same row, cell and seed are the same experiment: an identical copy is shown
   once (with a note on stderr), two disagreeing copies are an error. Different seeds combine: mean over
-  seeds of per-seed means, ``±`` from a bootstrap over seeds x episodes (:mod:`benchmark.stats`).
+  seeds of per-seed means, ``±`` a t interval over seeds and episodes (two-way ANOVA, Welch-Satterthwaite
+  degrees of freedom; :mod:`benchmark.stats`), which covers training randomness as well as episodes.
 * **Paired differences** (``reference=``): learner minus reference, per episode, only between runs scored
   on identical test episodes (the same set of manifest hashes). Anything else is never paired and shows
   ``n/p``.
@@ -35,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from benchmark.errors import BenchError
-from benchmark.stats import DEFAULT_RESAMPLES, MeanCI, SeedRun, seeds_difference, seeds_mean_ci
+from benchmark.stats import MeanCI, SeedRun, seeds_difference, seeds_mean_ci
 
 RUN_FILES = ("config.json", "episodes.csv", "summary.json")
 #: Top-level config entries that define the experiment: runs differing in one of them are never combined.
@@ -334,7 +335,7 @@ def _resolve_reference(reference: str, rows: list[str], learners: dict[str, str]
     raise BenchError(f"reference learner {reference!r} has no runs here; learners present: {', '.join(rows)}")
 
 
-def _caption(cells: Iterable[Cell], fixed: dict[str, str], resamples: int) -> str:
+def _caption(cells: Iterable[Cell], fixed: dict[str, str]) -> str:
     cells = list(cells)
     sizes = {run.accuracy.size for c in cells for run in c.runs}
     over = f"{sizes.pop()} test episodes" if len(sizes) == 1 else "the test episodes (n per cell in the CSV)"
@@ -344,25 +345,22 @@ def _caption(cells: Iterable[Cell], fixed: dict[str, str], resamples: int) -> st
     ]
     if any(c.seeds > 1 for c in cells):
         parts.append(
-            "Cells marked (k seeds) average k training seeds (mean of per-seed means) and their ± is "
-            f"1.96 × the bootstrap standard error over seeds × episodes ({resamples:,} resamples, fixed seed)."
+            "Cells marked (k seeds) average k training seeds (mean of per-seed means) and their ± covers both "
+            "training randomness and the sampling of test episodes: t × SE, SE = sqrt(seed variance/k + "
+            "episode variance/n + residual/(k n)) from a two-way ANOVA of seeds × episodes (seeds scored on "
+            "different test episodes: the spread of the seed means), t with Welch-Satterthwaite degrees of "
+            "freedom (see benchmark.stats)."
         )
     if fixed:
         parts.append("Protocol: " + "; ".join(f"{label} {value}" for label, value in fixed.items()) + ".")
     return " ".join(parts)
 
 
-def build_table(
-    runs: pd.DataFrame,
-    reference: str | None = None,
-    resamples: int = DEFAULT_RESAMPLES,
-    warn: Warn = _stderr,
-) -> Table:
+def build_table(runs: pd.DataFrame, reference: str | None = None, warn: Warn = _stderr) -> Table:
     """Group runs into rows and (way, shot) columns and compute every cell's statistics.
 
     :param runs: the output of :func:`load_runs`.
     :param reference: a learner name (or an exact row label) to compare every row against.
-    :param resamples: bootstrap resamples for cells with several seeds.
     :raises BenchError: unknown reference, or two disagreeing runs of the same seed.
     """
     runs = runs.assign(row=_row_labels(runs))
@@ -370,12 +368,13 @@ def build_table(
     for (row, way, shot), group in runs.groupby(["row", "way", "shot"], sort=False):
         group = _dedupe_seeds(group, str(row), warn)
         seed_runs = [SeedRun(m, a) for m, a in zip(group["manifest_hash"], group["accuracy"])]
+        result = seeds_mean_ci(seed_runs)
         cells[(str(row), (int(way), int(shot)))] = Cell(
             row=str(row),
             learner=str(group["learner"].iloc[0]),
             way=int(way),
             shot=int(shot),
-            result=seeds_mean_ci(seed_runs, resamples=resamples),
+            result=result,
             seeds=len(seed_runs),
             manifests=tuple(sorted(set(group["manifest_hash"]))),
             runs=seed_runs,
@@ -396,11 +395,11 @@ def build_table(
                 continue
             cell.paired = set(cell.manifests) == set(base.manifests)
             if cell.paired:
-                cell.diff = seeds_difference(cell.runs, base.runs, resamples=resamples)
+                cell.diff = seeds_difference(cell.runs, base.runs)
         footnotes.append(
             f"Δ: paired difference to {reference} (this row minus {reference}) on identical test episodes "
-            "(same manifest hash), mean ± 95% CI of the per-episode difference (with several seeds, 1.96 × the "
-            "bootstrap standard error over seeds × episodes)."
+            "(same manifest hash): mean of the per-episode differences ± 95% CI (with several seeds, t × SE over "
+            "seeds and episodes, as for the cells)."
         )
         if any(c.paired is False for c in cells.values()):
             footnotes.append(
@@ -431,7 +430,7 @@ def build_table(
         notes[label] = {
             row: _summarize_facts({col: c.facts[key] for (r, col), c in cells.items() if r == row}) for row in rows
         }
-    return Table(rows, columns, cells, notes, _caption(cells.values(), fixed, resamples), footnotes, reference)
+    return Table(rows, columns, cells, notes, _caption(cells.values(), fixed), footnotes, reference)
 
 
 # --------------------------------------------------------------------------------------------------------

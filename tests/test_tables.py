@@ -17,6 +17,7 @@ import pytest
 
 from benchmark.cli import main
 from benchmark.errors import BenchError
+from benchmark.stats import SeedRun, seeds_mean_ci
 from benchmark.tables import build_table, csv_frame, latex_escape, load_runs, make_table, render_latex
 
 
@@ -168,10 +169,11 @@ def test_several_seeds_combine_and_duplicates_count_once(tmp_path: Path) -> None
     cell = table.cells[("maml", (5, 1))]
     assert cell.seeds == 3
     assert cell.result.mean == pytest.approx(np.mean([s.mean() for s in seeds]))
-    assert table_rows(table)["maml"]["5-way 1-shot"].endswith("(3 seeds)")
-    assert "bootstrap" in table.caption and "seeds × episodes" in table.caption
+    expected = seeds_mean_ci([SeedRun("manifest-a", acc) for acc in seeds])
+    assert table_rows(table)["maml"]["5-way 1-shot"] == f"{100 * expected.mean:.2f} ± {100 * expected.ci:.2f} (3 seeds)"
+    assert "two-way ANOVA of seeds × episodes" in table.caption
+    assert "covers both training randomness and the sampling of test episodes" in table.caption
     assert any("counted once" in n for n in notes)
-    # Same table every time: the bootstrap generator has a fixed seed.
     assert make_table([tmp_path]) == make_table([tmp_path])
 
 
