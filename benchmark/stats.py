@@ -94,6 +94,22 @@ Degrees of freedom
     * Other layouts: the general estimator above, with both arms in the per-episode contrast ``z_k``
       (signs ``+1/S_learner``, ``-1/S_reference``); if its seed parts drive ``SE^2`` below zero (possible
       only for nested seeds), the episode part alone is used.
+
+Accuracy at the edge of the scale: :func:`accuracy_bounds` (table cells; not differences)
+    The normal interval can reach past 100% (``99.97 ± 0.05``) or have zero width (every episode 100%:
+    ``100.00 ± 0.00``, a claim of certainty from 600 episodes). Rules, in order:
+
+    * Zero width (every accuracy behind the cell is the same, ``s = 0``): the Wilson score interval for
+      the pooled proportion of correct queries, over ``N = accuracies x queries per episode`` trials
+      (``N = accuracies`` when the query count is unknown: a wider, conservative interval). For 600
+      perfect 75-query episodes that is ``[N / (N + 1.96^2), 1] = [99.99%, 100%]``. Queries are treated as
+      independent trials: with no error observed there is no clustering to estimate.
+    * The interval reaches below 0 or above 1: it is cut there. The true accuracy lies in [0, 1], so the
+      cut interval contains it exactly when the uncut one does: coverage is unchanged.
+
+    Both give an asymmetric interval, which tables print as ``[low, high]`` with a footnote. A
+    difference's interval is never changed: two learners both perfect on every episode show
+    ``+0.00 ± 0.00``, which is exact for those episodes.
 """
 
 from __future__ import annotations
@@ -113,6 +129,9 @@ T_QUANTILE = 0.975
 #: One-sided confidence of the upper bound on a seed mean square that the degrees of freedom are computed
 #: from (module docstring, "degrees of freedom"); the coverage tests in tests/test_stats.py pin it down.
 SEED_DF_CONFIDENCE = 0.90
+#: A half-width at or below this (a fraction) is zero spread: every accuracy behind it was the same. Far
+#: below anything a table shows (two decimals of percent) and far above float rounding of a constant mean.
+ZERO_WIDTH = 1e-12
 
 
 class MeanCI(NamedTuple):
@@ -139,6 +158,18 @@ class SeedRun(NamedTuple):
 
     manifest: Hashable
     accuracy: np.ndarray
+
+
+class Bounds(NamedTuple):
+    """The ends of a 95% interval for an accuracy, as fractions, and the rule that produced them.
+
+    ``rule``: ``"normal"`` (``mean ± ci`` as computed), ``"clipped"`` (cut at 0 or 1) or ``"wilson"``
+    (zero spread: Wilson score interval of the pooled query-level proportion).
+    """
+
+    lower: float
+    upper: float
+    rule: str
 
 
 def _as_vector(acc: Sequence[float] | np.ndarray, what: str = "accuracy") -> np.ndarray:
@@ -401,4 +432,33 @@ def seeds_difference(runs: Sequence[SeedRun], reference: Sequence[SeedRun]) -> M
     else:
         estimate = _combine([(1.0, tables), (-1.0, reference_tables)])
     return MeanCI(estimate.value, _t_half_width(estimate), float("nan"), n)
+
+
+def wilson_interval(proportion: float, trials: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval ``(lower, upper)`` for a binomial proportion observed in ``trials`` trials."""
+    if trials < 1:
+        raise ValueError(f"need at least one trial, got {trials}")
+    z2n = z * z / trials
+    centre = (proportion + z2n / 2) / (1 + z2n)
+    half = z / (1 + z2n) * math.sqrt(proportion * (1 - proportion) / trials + z2n / (4 * trials))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def accuracy_bounds(result: MeanCI, queries_per_episode: int | None = None) -> Bounds:
+    """The ends of an accuracy's 95% interval, with the edge-of-scale rules of the module docstring.
+
+    :param result: from :func:`mean_ci` or :func:`seeds_mean_ci` (an accuracy in [0, 1], not a difference).
+    :param queries_per_episode: query images per episode (way x queries per class), for the Wilson rule's
+        trial count; ``None`` counts one trial per episode (conservative).
+    :returns: ``Bounds(mean - ci, mean + ci, "normal")`` unless a rule applies; NaN ends when ``ci`` is NaN.
+    """
+    if math.isnan(result.ci):
+        return Bounds(math.nan, math.nan, "normal")
+    if result.ci <= ZERO_WIDTH:
+        trials = result.n * (queries_per_episode or 1)
+        return Bounds(*wilson_interval(min(max(result.mean, 0.0), 1.0), trials), "wilson")
+    lower, upper = result.mean - result.ci, result.mean + result.ci
+    if lower < 0.0 or upper > 1.0:
+        return Bounds(max(lower, 0.0), min(upper, 1.0), "clipped")
+    return Bounds(lower, upper, "normal")
 

@@ -15,6 +15,8 @@ Choices (each one is stated in the rendered table too):
   once (with a note on stderr), two disagreeing copies are an error. Different seeds combine: mean over
   seeds of per-seed means, ``±`` a t interval over seeds and episodes (two-way ANOVA, Welch-Satterthwaite
   degrees of freedom; :mod:`benchmark.stats`), which covers training randomness as well as episodes.
+* **Edge of the scale.** An accuracy whose interval would pass 0% or 100%, or would have zero width,
+  shows ``[low, high]`` instead (:func:`benchmark.stats.accuracy_bounds`).
 * **Paired differences** (``reference=``): learner minus reference, per episode, only between runs scored
   on identical test episodes (the same set of manifest hashes). Anything else is never paired and shows
   ``n/p``.
@@ -36,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from benchmark.errors import BenchError
-from benchmark.stats import MeanCI, SeedRun, seeds_difference, seeds_mean_ci
+from benchmark.stats import Bounds, MeanCI, SeedRun, accuracy_bounds, seeds_difference, seeds_mean_ci
 
 RUN_FILES = ("config.json", "episodes.csv", "summary.json")
 #: Top-level config entries that define the experiment: runs differing in one of them are never combined.
@@ -244,6 +246,8 @@ class Cell:
     manifests: tuple[str, ...]
     runs: list[SeedRun]
     facts: dict[str, Any]
+    #: The ends of ``result``'s interval after the edge-of-scale rules (``rule`` ``"normal"`` when none applied).
+    bounds: Bounds
     #: Difference to the reference row; ``None`` when there is no reference, this is the reference row,
     #: or the reference has no run in this cell.
     diff: MeanCI | None = None
@@ -356,6 +360,24 @@ def _caption(cells: Iterable[Cell], fixed: dict[str, str]) -> str:
     return " ".join(parts)
 
 
+def _queries_per_episode(group: pd.DataFrame, way: int) -> int | None:
+    """``way x queries per class`` of a cell's runs, or ``None`` when the runs do not say."""
+    query = group["query"].iloc[0]
+    if query is None or (isinstance(query, float) and math.isnan(query)):
+        return None
+    return way * int(query)
+
+
+#: Footnote for cells shown as ``[low, high]`` (:func:`benchmark.stats.accuracy_bounds`).
+EDGE_NOTE = (
+    "[low, high]: an accuracy at the edge of the scale, shown as the ends of its 95% interval. Where mean ± CI "
+    "would pass 0% or 100% it is cut there (the accuracy cannot leave [0, 100], so the cut interval covers "
+    "as often as the uncut one); where every episode scored the same (± would be 0.00) it is the Wilson "
+    "score interval for the proportion of correct queries over all episodes × queries per episode (one "
+    "trial per episode when the query count is unknown)."
+)
+
+
 def build_table(runs: pd.DataFrame, reference: str | None = None, warn: Warn = _stderr) -> Table:
     """Group runs into rows and (way, shot) columns and compute every cell's statistics.
 
@@ -379,6 +401,7 @@ def build_table(runs: pd.DataFrame, reference: str | None = None, warn: Warn = _
             manifests=tuple(sorted(set(group["manifest_hash"]))),
             runs=seed_runs,
             facts=group["facts"].iloc[0],
+            bounds=accuracy_bounds(result, _queries_per_episode(group, int(way))),
         )
 
     learners = {c.row: c.learner for c in cells.values()}
@@ -430,6 +453,8 @@ def build_table(runs: pd.DataFrame, reference: str | None = None, warn: Warn = _
         notes[label] = {
             row: _summarize_facts({col: c.facts[key] for (r, col), c in cells.items() if r == row}) for row in rows
         }
+    if any(c.bounds.rule != "normal" for c in cells.values()):
+        footnotes.append(EDGE_NOTE)
     return Table(rows, columns, cells, notes, _caption(cells.values(), fixed), footnotes, reference)
 
 
@@ -442,10 +467,16 @@ def _pct(value: float) -> str:
 
 
 def format_cell(cell: Cell | None) -> str:
-    """``'97.12 ± 0.45'`` (percent, two decimals), with ``' (3 seeds)'`` when seeds were combined."""
+    """``'97.12 ± 0.45'`` (percent, two decimals), with ``' (3 seeds)'`` when seeds were combined.
+
+    At the edge of the scale, ``'100.00 [99.99, 100.00]'``: the interval's ends (see ``EDGE_NOTE``).
+    """
     if cell is None:
         return MISSING
-    text = f"{_pct(cell.result.mean)} ± {_pct(cell.result.ci)}"
+    if cell.bounds.rule == "normal":
+        text = f"{_pct(cell.result.mean)} ± {_pct(cell.result.ci)}"
+    else:
+        text = f"{_pct(cell.result.mean)} [{_pct(cell.bounds.lower)}, {_pct(cell.bounds.upper)}]"
     return text + (f" ({cell.seeds} seeds)" if cell.seeds > 1 else "")
 
 
@@ -552,15 +583,17 @@ def frame_latex(frame: pd.DataFrame, caption: str, footnotes: Iterable[str] = ()
 
 
 CSV_COLUMNS = (
-    "row", "learner", "way", "shot", "mean", "ci", "std", "n", "seeds", "manifest_hash",
+    "row", "learner", "way", "shot", "mean", "ci", "ci_low", "ci_high", "std", "n", "seeds", "manifest_hash",
     "reference", "diff", "diff_ci", "paired",
     "split", "rotations", "query", "inner_steps", "order", "batchnorm",
 )  # fmt: skip
 
 
 def csv_frame(table: Table) -> pd.DataFrame:
-    """One row per (row, cell); ``mean, ci, std, diff, diff_ci`` in percent at full precision.
+    """One row per (row, cell); ``mean, ci, ci_low, ci_high, std, diff, diff_ci`` in percent at full precision.
 
+    ``ci_low``/``ci_high``: the ends of the interval as the table shows it (``mean ± ci`` unless an
+    edge-of-scale rule applied, see ``EDGE_NOTE``).
     ``n`` counts the accuracies behind ``mean`` (episodes x seeds); ``paired`` is empty without a reference
     or on the reference row, else true/false; ``diff``/``diff_ci`` are empty unless paired.
     """
@@ -579,6 +612,8 @@ def csv_frame(table: Table) -> pd.DataFrame:
                     "shot": cell.shot,
                     "mean": 100 * cell.result.mean,
                     "ci": 100 * cell.result.ci,
+                    "ci_low": 100 * cell.bounds.lower,
+                    "ci_high": 100 * cell.bounds.upper,
                     "std": 100 * cell.result.std,
                     "n": cell.result.n,
                     "seeds": cell.seeds,

@@ -11,11 +11,14 @@ from scipy import stats as scipy_stats
 from benchmark.stats import (
     SEED_DF_CONFIDENCE,
     Z95,
+    MeanCI,
     SeedRun,
+    accuracy_bounds,
     mean_ci,
     paired_difference,
     seeds_difference,
     seeds_mean_ci,
+    wilson_interval,
 )
 
 
@@ -305,4 +308,56 @@ def test_one_seed_intervals_cover_episode_sampling() -> None:
         diff = paired_difference(learner, reference)
         hits["difference"][1] += abs(diff.mean - (MU - MU_REFERENCE)) <= diff.ci
     assert_in_band(*coverage_report(hits, SIMULATIONS))
+
+
+# --------------------------------------------------------------------------------------------------------
+# The edge of the scale
+
+
+def test_wilson_interval_known_values() -> None:
+    # 0 of 10 and 10 of 10: the closed forms z^2 / (n + z^2) and n / (n + z^2).
+    assert wilson_interval(0.0, 10) == pytest.approx((0.0, 3.8416 / 13.8416))
+    assert wilson_interval(1.0, 10) == pytest.approx((10 / 13.8416, 1.0))
+    low, high = wilson_interval(0.9, 100)
+    assert low == pytest.approx(0.8256, abs=1e-4) and high == pytest.approx(0.9448, abs=1e-4)
+    with pytest.raises(ValueError):
+        wilson_interval(0.5, 0)
+
+
+def test_perfect_episodes_get_a_wilson_bound_not_zero_width() -> None:
+    perfect = mean_ci(np.ones(600))
+    assert perfect.ci == 0.0
+    bounds = accuracy_bounds(perfect, queries_per_episode=75)
+    assert bounds.rule == "wilson"
+    assert bounds.upper == 1.0
+    assert bounds.lower == pytest.approx(45_000 / (45_000 + Z95**2))
+    assert 100 * bounds.lower < 99.995  # shows as 99.99, not 100.00
+    # Unknown query count: one trial per episode, a wider interval.
+    assert accuracy_bounds(perfect).lower == pytest.approx(600 / (600 + Z95**2))
+    # All wrong: the mirror image.
+    assert accuracy_bounds(mean_ci(np.zeros(600)), 75) == pytest.approx((0.0, Z95**2 / (45_000 + Z95**2), "wilson"))
+    # Several seeds that are all perfect: every query of every seed counts.
+    seeds = seeds_mean_ci([SeedRun("m", np.ones(600)) for _ in range(3)])
+    assert accuracy_bounds(seeds, 75).lower == pytest.approx(135_000 / (135_000 + Z95**2))
+    # A constant accuracy below 1 (float rounding leaves a tiny s): also zero spread.
+    assert accuracy_bounds(mean_ci(np.full(600, 0.8)), 75).rule == "wilson"
+
+
+def test_intervals_past_the_edge_are_cut_there() -> None:
+    near = np.ones(600)
+    near[0] = 74 / 75
+    result = mean_ci(near)
+    assert result.mean + result.ci > 1.0
+    bounds = accuracy_bounds(result, 75)
+    assert bounds.rule == "clipped"
+    assert bounds == pytest.approx((result.mean - result.ci, 1.0, "clipped"))
+    low = accuracy_bounds(MeanCI(0.001, 0.002, 0.01, 600))
+    assert low == pytest.approx((0.0, 0.003, "clipped"))
+
+
+def test_ordinary_intervals_are_unchanged() -> None:
+    result = mean_ci(accuracies(5))
+    assert accuracy_bounds(result, 75) == pytest.approx((result.mean - result.ci, result.mean + result.ci, "normal"))
+    unknown = accuracy_bounds(mean_ci([0.7]))
+    assert math.isnan(unknown.lower) and math.isnan(unknown.upper)
 

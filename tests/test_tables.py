@@ -177,6 +177,22 @@ def test_several_seeds_combine_and_duplicates_count_once(tmp_path: Path) -> None
     assert make_table([tmp_path]) == make_table([tmp_path])
 
 
+def test_perfect_accuracy_shows_an_interval_not_zero_width(tmp_path: Path) -> None:
+    write_run(tmp_path, "perfect", np.ones(600), learner="maml")
+    write_run(tmp_path, "usual", accuracies(130), learner="fomaml")
+    table = build_table(load_runs([tmp_path]))
+    rows = table_rows(table)
+    # 600 episodes x 5-way x 15 queries = 45000 correct queries: Wilson's lower end is 45000 / (45000 + 1.96^2).
+    assert rows["maml"]["5-way 1-shot"] == "100.00 [99.99, 100.00]"
+    assert rows["fomaml"]["5-way 1-shot"].count("±") == 1
+    assert any(n.startswith("[low, high]") and "Wilson" in n for n in table.footnotes)
+    frame = csv_frame(table).set_index("row")
+    assert frame.loc["maml", "ci_low"] == pytest.approx(100 * 45_000 / (45_000 + 1.96**2))
+    assert frame.loc["maml", "ci_high"] == 100.0
+    assert frame.loc["fomaml", "ci_high"] == pytest.approx(frame.loc["fomaml", "mean"] + frame.loc["fomaml", "ci"])
+    assert not any(n.startswith("[low, high]") for n in build_table(load_runs([tmp_path / "usual"])).footnotes)
+
+
 def test_disagreeing_copies_of_one_seed_are_an_error(tmp_path: Path) -> None:
     write_run(tmp_path, "one", accuracies(20), seed=0)
     write_run(tmp_path, "two", accuracies(21), seed=0)
@@ -224,7 +240,7 @@ def test_markdown_has_caption_and_csv_parses_back(tmp_path: Path) -> None:
     assert "| learner" in markdown and "5-way 1-shot Δ" in markdown and "- n/p: not paired" in markdown
     frame = pd.read_csv(io.StringIO(make_table([tmp_path], fmt="csv", reference="maml")))
     assert list(frame.columns[:4]) == ["row", "learner", "way", "shot"]
-    assert {"mean", "ci", "n", "diff", "diff_ci"} <= set(frame.columns)
+    assert {"mean", "ci", "ci_low", "ci_high", "n", "diff", "diff_ci"} <= set(frame.columns)
     assert frame.set_index("row").loc["maml", "n"] == 600
 
 
