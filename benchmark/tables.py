@@ -15,8 +15,9 @@ Choices (each one is stated in the rendered table too):
   once (with a note on stderr), two disagreeing copies are an error. Different seeds combine: mean over
   seeds of per-seed means, ``±`` a t interval over seeds and episodes (two-way ANOVA, Welch-Satterthwaite
   degrees of freedom; :mod:`benchmark.stats`), which covers training randomness as well as episodes.
-* **Edge of the scale.** An accuracy whose interval would pass 0% or 100%, or would have zero width,
-  shows ``[low, high]`` instead (:func:`benchmark.stats.accuracy_bounds`).
+* **Intervals.** The caption says what each ``±`` covers: with one seed, the sampling of test episodes
+  only. A Δ from one seed per learner says so in a footnote. An accuracy whose interval would pass 0% or
+  100%, or would have zero width, shows ``[low, high]`` instead (:func:`benchmark.stats.accuracy_bounds`).
 * **Paired differences** (``reference=``): learner minus reference, per episode, only between runs scored
   on identical test episodes (the same set of manifest hashes). Anything else is never paired and shows
   ``n/p``.
@@ -345,7 +346,8 @@ def _caption(cells: Iterable[Cell], fixed: dict[str, str]) -> str:
     over = f"{sizes.pop()} test episodes" if len(sizes) == 1 else "the test episodes (n per cell in the CSV)"
     parts = [
         "Omniglot test accuracy (%), mean ± 95% confidence interval: ± is 1.96 s/sqrt(n) over "
-        f"{over} of one training seed (normal approximation, as in the few-shot papers)."
+        f"{over} of one training seed (normal approximation, as in the few-shot papers); it covers the "
+        "sampling of test episodes, not training randomness."
     ]
     if any(c.seeds > 1 for c in cells):
         parts.append(
@@ -376,6 +378,25 @@ EDGE_NOTE = (
     "score interval for the proportion of correct queries over all episodes × queries per episode (one "
     "trial per episode when the query count is unknown)."
 )
+
+
+def _delta_coverage_notes(seed_counts: set[tuple[int, int]]) -> list[str]:
+    """What the ± of the Δ shown covers, given their ``(row seeds, reference seeds)``."""
+    notes = []
+    if (1, 1) in seed_counts:
+        notes.append(
+            "Δ from one training seed per learner: ± is 1.96 s/sqrt(n) of the per-episode differences and "
+            "covers the sampling of test episodes only, not training randomness: another training seed of "
+            "either learner can move Δ by more than this."
+        )
+    if any(max(pair) > 1 for pair in seed_counts):
+        notes.append(
+            "Δ where a side has several seeds: ± is t × SE, SE = sqrt(variance of the per-episode differences/n "
+            "+ each side's seed variance/its seed count), t with Welch-Satterthwaite degrees of freedom; it "
+            "covers the training randomness of each side with several seeds and the sampling of test "
+            "episodes. A side with a single seed adds no seed variance: its training randomness is not covered."
+        )
+    return notes
 
 
 def build_table(runs: pd.DataFrame, reference: str | None = None, warn: Warn = _stderr) -> Table:
@@ -412,6 +433,7 @@ def build_table(runs: pd.DataFrame, reference: str | None = None, warn: Warn = _
         reference = _resolve_reference(reference, rows, learners)
         rows.remove(reference)
         rows.insert(0, reference)
+        seed_counts: set[tuple[int, int]] = set()  # (row's seeds, reference's seeds) of every Δ shown
         for (row, column), cell in cells.items():
             base = cells.get((reference, column))
             if row == reference or base is None:
@@ -419,11 +441,12 @@ def build_table(runs: pd.DataFrame, reference: str | None = None, warn: Warn = _
             cell.paired = set(cell.manifests) == set(base.manifests)
             if cell.paired:
                 cell.diff = seeds_difference(cell.runs, base.runs)
+                seed_counts.add((cell.seeds, base.seeds))
         footnotes.append(
             f"Δ: paired difference to {reference} (this row minus {reference}) on identical test episodes "
-            "(same manifest hash): mean of the per-episode differences ± 95% CI (with several seeds, t × SE over "
-            "seeds and episodes, as for the cells)."
+            "(same manifest hash): mean of the per-episode differences ± 95% CI."
         )
+        footnotes += _delta_coverage_notes(seed_counts)
         if any(c.paired is False for c in cells.values()):
             footnotes.append(
                 f"{NOT_PAIRED}: not paired: this run and the {reference} run were scored on different test "

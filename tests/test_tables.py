@@ -17,7 +17,7 @@ import pytest
 
 from benchmark.cli import main
 from benchmark.errors import BenchError
-from benchmark.stats import SeedRun, seeds_mean_ci
+from benchmark.stats import SeedRun, seeds_difference, seeds_mean_ci
 from benchmark.tables import build_table, csv_frame, latex_escape, load_runs, make_table, render_latex
 
 
@@ -175,6 +175,23 @@ def test_several_seeds_combine_and_duplicates_count_once(tmp_path: Path) -> None
     assert "covers both training randomness and the sampling of test episodes" in table.caption
     assert any("counted once" in n for n in notes)
     assert make_table([tmp_path]) == make_table([tmp_path])
+
+
+def test_footnotes_say_what_a_delta_covers(tmp_path: Path) -> None:
+    write_run(tmp_path, "ref", accuracies(100), learner="maml")
+    write_run(tmp_path, "one", accuracies(101), learner="fomaml")
+    single = build_table(load_runs([tmp_path]), reference="maml")
+    assert any("one training seed per learner" in n and "not training randomness" in n for n in single.footnotes)
+    assert not any("a side has several seeds" in n for n in single.footnotes)
+    for seed in (1, 2):
+        write_run(tmp_path, f"ref{seed}", accuracies(110 + seed), learner="maml", seed=seed)
+        write_run(tmp_path, f"one{seed}", accuracies(120 + seed), learner="fomaml", seed=seed)
+    several = build_table(load_runs([tmp_path]), reference="maml")
+    assert not any("one training seed per learner" in n for n in several.footnotes)
+    assert any("a side has several seeds" in n for n in several.footnotes)
+    cell = several.cells[("fomaml", (5, 1))]
+    expected = seeds_difference(cell.runs, several.cells[("maml", (5, 1))].runs)
+    assert (cell.diff.mean, cell.diff.ci) == (expected.mean, expected.ci)
 
 
 def test_perfect_accuracy_shows_an_interval_not_zero_width(tmp_path: Path) -> None:
