@@ -110,6 +110,10 @@ Accuracy at the edge of the scale: :func:`accuracy_bounds` (table cells; not dif
     Both give an asymmetric interval, which tables print as ``[low, high]`` with a footnote. A
     difference's interval is never changed: two learners both perfect on every episode show
     ``+0.00 ± 0.00``, which is exact for those episodes.
+
+Comparing with a published number: :func:`compare_to_published`
+    Both 95% half-widths are treated as independent normal intervals: the difference of the means has the
+    half-width ``sqrt(ci_ours^2 + ci_published^2)``; "within" means the difference lies inside it.
 """
 
 from __future__ import annotations
@@ -462,3 +466,27 @@ def accuracy_bounds(result: MeanCI, queries_per_episode: int | None = None) -> B
         return Bounds(max(lower, 0.0), min(upper, 1.0), "clipped")
     return Bounds(lower, upper, "normal")
 
+
+def compare_to_published(ours_mean: float, ours_ci: float, published_mean: float, published_ci: float) -> str:
+    """``"within"``, ``"above"`` or ``"below"``: does our mean differ from a published one beyond chance?
+
+    Both half-widths are 95% intervals treated as independent normal ones (the papers report
+    ``1.96 s / sqrt(n)``; our run and theirs share no episodes or seeds), so the difference
+    ``ours_mean - published_mean`` has the 95% half-width ``sqrt(ours_ci^2 + published_ci^2)``. "within":
+    the difference lies inside it (no evidence, at 5%, that the two accuracies differ -- not a proof that
+    they are equal); "above"/"below": ours is higher/lower beyond it. Any unit, the same for all four.
+    Comparing our *mean* with the published interval, or checking whether the two intervals overlap, would
+    be a different and miscalibrated test (too strict and too lenient respectively).
+
+    :raises ValueError: when a half-width is NaN or negative.
+    """
+    for name, ci in (("ours_ci", ours_ci), ("published_ci", published_ci)):
+        if not ci >= 0:
+            raise ValueError(f"{name} must be a non-negative half-width, got {ci}")
+    difference = ours_mean - published_mean
+    half_width = math.hypot(ours_ci, published_ci)
+    if difference > half_width:
+        return "above"
+    if difference < -half_width:
+        return "below"
+    return "within"

@@ -14,6 +14,7 @@ from benchmark.stats import (
     MeanCI,
     SeedRun,
     accuracy_bounds,
+    compare_to_published,
     mean_ci,
     paired_difference,
     seeds_difference,
@@ -361,3 +362,18 @@ def test_ordinary_intervals_are_unchanged() -> None:
     unknown = accuracy_bounds(mean_ci([0.7]))
     assert math.isnan(unknown.lower) and math.isnan(unknown.upper)
 
+
+# --------------------------------------------------------------------------------------------------------
+# Comparing with a published number
+
+
+def test_compare_to_published_tests_the_difference() -> None:
+    # Published 98.7 ± 0.4, ours ± 0.3: the difference's half-width is sqrt(0.3^2 + 0.4^2) = 0.5.
+    assert compare_to_published(98.2, 0.3, 98.7, 0.4) == "within"  # below their interval, not significantly
+    assert compare_to_published(98.19, 0.3, 98.7, 0.4) == "below"
+    assert compare_to_published(99.21, 0.3, 98.7, 0.4) == "above"
+    assert compare_to_published(98.7, 0.0, 98.7, 0.0) == "within"
+    assert compare_to_published(0.95, 0.01, 0.9, 0.01) == "above"  # any unit, the same for all four
+    for bad in (float("nan"), -0.1):
+        with pytest.raises(ValueError):
+            compare_to_published(98.0, bad, 98.7, 0.4)
