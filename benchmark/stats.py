@@ -120,7 +120,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -235,25 +235,36 @@ class _Estimate(NamedTuple):
     df: float
 
 
+#: One term of a variance estimate: ``(key, coef, MS, df)`` for ``coef * MS``, ``MS`` a mean square with ``df``.
+_Piece = tuple[Hashable, float, float, int]
+
+
 class _Terms:
-    """``sum_i coef_i * MS_i`` with each mean square's degrees of freedom; named, so that one added twice merges."""
+    """``SE^2 = sum_i coef_i * MS_i``, each ``MS_i`` with its df; named, so that one added twice merges.
 
-    def __init__(self) -> None:
+    Each term also keeps the value its mean square takes in the degrees of freedom (``ms_for_df``): the
+    same, except for a seed mean square, which enters the df at its upper bound (module docstring).
+    """
+
+    def __init__(self, pieces: Iterable[_Piece] = ()) -> None:
         self.terms: dict[Hashable, list[float]] = {}
+        for piece in pieces:
+            self.add(*piece)
 
-    def add(self, key: Hashable, coef: float, mean_square: float, df: float) -> None:
+    def add(self, key: Hashable, coef: float, mean_square: float, df: float, ms_for_df: float | None = None) -> None:
         if key in self.terms:
             self.terms[key][0] += coef
         else:
-            self.terms[key] = [coef, mean_square, df]
+            self.terms[key] = [coef, mean_square, mean_square if ms_for_df is None else ms_for_df, df]
 
-    def total(self) -> float:
-        return sum(coef * ms for coef, ms, _ in self.terms.values())
+    def variance(self) -> float:
+        return sum(coef * ms for coef, ms, _, _ in self.terms.values())
 
     def satterthwaite_df(self) -> float:
-        """``(sum_i c_i MS_i)^2 / sum_i (c_i MS_i)^2 / df_i``; infinite when every term is zero."""
-        spread = sum((coef * ms) ** 2 / df for coef, ms, df in self.terms.values() if coef != 0.0)
-        return self.total() ** 2 / spread if spread > 0 else math.inf
+        """``(sum_i c_i MS_i)^2 / sum_i (c_i MS_i)^2 / df_i`` over the df values; infinite if all are zero."""
+        parts = [(coef * ms, df) for coef, _, ms, df in self.terms.values() if coef != 0.0]
+        spread = sum(part * part / df for part, df in parts)
+        return sum(part for part, _ in parts) ** 2 / spread if spread > 0 else math.inf
 
 
 @functools.lru_cache(maxsize=None)
@@ -270,34 +281,35 @@ def _lone_run_coef(seeds: int, n: int) -> float:
     return 1.0 / (seeds * seeds * n)
 
 
-#: One term of a variance estimate: ``(key, coef, MS, df)`` for ``coef * MS``, ``MS`` a mean square with ``df``.
-_Piece = tuple[Hashable, float, float, int]
-
-
-def _crossed_seed_part(arm: int, seeds: int, tables: dict[Hashable, np.ndarray]) -> tuple[list[_Piece], list[_Piece]]:
+def _crossed_seed_part(
+    arm: int, seeds: int, tables: dict[Hashable, np.ndarray], column_sums: dict[Hashable, np.ndarray]
+) -> tuple[list[_Piece], float, float]:
     """``va / seeds`` for a learner with several seeds on some manifest: pooled two-way ANOVA.
 
     :param tables: manifest -> ``[seeds on it, n]`` accuracies of this learner's runs.
-    :returns: ``(seed pieces, residual pieces)``: ``+w MS_seed`` and ``-w MS_res`` per manifest that holds
-        two or more of these seeds, weighted by its ``S_k - 1``.
+    :param column_sums: manifest -> ``[n]`` sums of those runs' accuracies per episode.
+    :returns: the pieces (``+w MS_seed`` and ``-w MS_res`` per manifest that holds two or more of these
+        seeds, weighted by its ``S_k - 1``), and their two sums ``sum w MS_seed`` and ``sum w MS_res``.
     """
-    crossed = {k: t for k, t in tables.items() if t.shape[0] >= 2}
-    pooled_df = sum(t.shape[0] - 1 for t in crossed.values())
-    seed_pieces: list[_Piece] = []
-    residual_pieces: list[_Piece] = []
-    for manifest, table in crossed.items():
+    crossed = [(k, t) for k, t in tables.items() if t.shape[0] >= 2]
+    pooled_df = sum(t.shape[0] - 1 for _, t in crossed)
+    pieces: list[_Piece] = []
+    seed_sum = residual_sum = 0.0
+    for manifest, table in crossed:
         s, n = table.shape
-        centred = table - table.sum() / table.size
-        rows, cols = centred.sum(axis=1) / n, centred.sum(axis=0) / s
-        # Sums of squares about the grand mean: total = seed + episode + residual.
-        ss_seed, ss_episode = n * float(rows @ rows), s * float(cols @ cols)
-        ss_residual = float(np.einsum("ij,ij->", centred, centred)) - ss_seed - ss_episode
-        ms_seed = ss_seed / (s - 1)
-        ms_res = max(ss_residual, 0.0) / ((s - 1) * (n - 1))
+        rows, cols = table.sum(axis=1), column_sums[manifest]
+        correction = float(cols.sum()) ** 2 / table.size  # (sum of all)^2 / count: the grand mean's share
+        # Sums of squares about the grand mean, from sums: total = seed + episode + residual.
+        ss_seed = max(float(rows @ rows) / n - correction, 0.0)
+        ss_episode = float(cols @ cols) / s - correction
+        ss_residual = float(np.vdot(table, table)) - correction - ss_seed - ss_episode
+        ms_seed, ms_res = ss_seed / (s - 1), max(ss_residual, 0.0) / ((s - 1) * (n - 1))
         weight = (s - 1) / (pooled_df * n * seeds)
-        seed_pieces.append((("seed", arm, manifest), weight, ms_seed, s - 1))
-        residual_pieces.append((("residual", arm, manifest), -weight, ms_res, (s - 1) * (n - 1)))
-    return seed_pieces, residual_pieces
+        pieces.append((("seed", arm, manifest), weight, ms_seed, s - 1))
+        pieces.append((("residual", arm, manifest), -weight, ms_res, (s - 1) * (n - 1)))
+        seed_sum += weight * ms_seed
+        residual_sum += weight * ms_res
+    return pieces, seed_sum, residual_sum
 
 
 def _nested_seed_part(arm: int, seeds: int, tables: dict[Hashable, np.ndarray]) -> list[_Piece]:
@@ -320,66 +332,58 @@ def _combine(arms: Sequence[tuple[float, dict[Hashable, np.ndarray]]]) -> _Estim
     :param arms: ``(sign, tables)`` per learner, ``tables`` from :func:`_by_manifest`: ``[(1, t)]`` for a
         mean, ``[(1, t), (-1, t_reference)]`` for a difference. Runs on one manifest share its episodes.
     """
-    sizes: dict[Hashable, int] = {}
-    grouped = []
+    seeds = [sum(t.shape[0] for t in tables.values()) for _, tables in arms]
+    column_sums = [{manifest: table.sum(axis=0) for manifest, table in tables.items()} for _, tables in arms]
+    # manifest -> (n, per-episode contrast weighted as in the estimate, runs on it, the arm of the last one)
+    manifests: dict[Hashable, list] = {}
     value = 0.0
     for arm, (sign, tables) in enumerate(arms):
-        seeds = sum(t.shape[0] for t in tables.values())
-        grouped.append((arm, sign, seeds, tables))
-        value += sign * sum(float(t.sum()) / t.shape[1] for t in tables.values()) / seeds
         for manifest, table in tables.items():
-            if sizes.setdefault(manifest, table.shape[1]) != table.shape[1]:
-                raise ValueError(f"runs on manifest {manifest!r} have {sizes[manifest]} and {table.shape[1]} episodes")
-    if min(sizes.values()) < 2:
+            weighted = column_sums[arm][manifest] * (sign / seeds[arm])
+            value += float(weighted.sum()) / table.shape[1]
+            entry = manifests.get(manifest)
+            if entry is None:
+                manifests[manifest] = [table.shape[1], weighted, table.shape[0], arm]
+            elif entry[0] != table.shape[1]:
+                raise ValueError(f"runs on manifest {manifest!r} have {entry[0]} and {table.shape[1]} episodes")
+            else:
+                entry[1] = entry[1] + weighted
+                entry[2] += table.shape[0]
+                entry[3] = arm
+    if min(entry[0] for entry in manifests.values()) < 2:
         return _Estimate(value, math.nan, math.nan)
 
     episode_part: list[_Piece] = []
-    for manifest, n in sizes.items():
-        present = [(arm, sign, seeds, tables[manifest]) for arm, sign, seeds, tables in grouped if manifest in tables]
-        if len(present) == 1 and present[0][3].shape[0] == 1:
+    for manifest, (n, contrast, runs, arm) in manifests.items():
+        if runs == 1:
             # A lone run: named as a run, so that the nested seed part's -s^2 term merges with it.
-            arm, _, seeds, table = present[0]
-            episode_part.append((("run", arm, manifest), _lone_run_coef(seeds, n), _sample_var(table[0]), n - 1))
+            accuracy = arms[arm][1][manifest][0]
+            episode_part.append((("run", arm, manifest), _lone_run_coef(seeds[arm], n), _sample_var(accuracy), n - 1))
         else:
-            # Per-episode contrast, weighted as in the estimate; seed effects are constant along it.
-            contrast = sum(sign * table.sum(axis=0) / seeds for _, sign, seeds, table in present)
+            # Seed effects are constant along the contrast: its variance is the episode part alone.
             episode_part.append((("episodes", manifest), 1.0 / n, _sample_var(contrast), n - 1))
 
-    # ``variance`` holds the mean squares as observed; ``dof`` the same, except that a crossed seed part
-    # enters at its upper confidence bound (module docstring, "Degrees of freedom").
-    variance, dof = _Terms(), _Terms()
-    for piece in episode_part:
-        variance.add(*piece)
-        dof.add(*piece)
-    for arm, _, seeds, tables in grouped:
-        if seeds < 2:
+    terms = _Terms(episode_part)
+    for arm, (_, tables) in enumerate(arms):
+        if seeds[arm] < 2:
             continue  # no seed variance to estimate: the caller says what the interval then misses
         if all(t.shape[0] == 1 for t in tables.values()):
-            for piece in _nested_seed_part(arm, seeds, tables):
-                variance.add(*piece)
-                dof.add(*piece)
+            for piece in _nested_seed_part(arm, seeds[arm], tables):
+                terms.add(*piece)
             continue
-        seed_pieces, residual_pieces = _crossed_seed_part(arm, seeds, tables)
-        raw = sum(coef * ms for _, coef, ms, _ in seed_pieces)
-        floor = -sum(coef * ms for _, coef, ms, _ in residual_pieces)
+        pieces, raw, floor = _crossed_seed_part(arm, seeds[arm], tables, column_sums[arm])
         if raw <= floor:
             continue  # the seed variance estimate is not positive: it counts as zero
-        # Seed mean squares scaled so that the seed part (raw - floor) becomes its upper bound.
-        scale = (_upper_bound_factor(sum(df for *_, df in seed_pieces)) * (raw - floor) + floor) / raw
-        for key, coef, ms, df in seed_pieces:
-            variance.add(key, coef, ms, df)
-            dof.add(key, coef, ms * scale, df)
-        for piece in residual_pieces:
-            variance.add(*piece)
-            dof.add(*piece)
-    if variance.total() <= 0.0:
+        # For the df, seed mean squares scaled so that the seed part (raw - floor) becomes its upper bound.
+        seed_df = sum(df for (kind, *_), _, _, df in pieces if kind == "seed")
+        scale = (_upper_bound_factor(seed_df) * (raw - floor) + floor) / raw
+        for key, coef, ms, df in pieces:
+            terms.add(key, coef, ms, df, ms * scale if key[0] == "seed" else ms)
+    if terms.variance() <= 0.0:
         # Only reachable for a difference whose nested seed parts are both estimated well below zero: fall
         # back to the episode part, which cannot be negative.
-        variance, dof = _Terms(), _Terms()
-        for piece in episode_part:
-            variance.add(*piece)
-            dof.add(*piece)
-    return _Estimate(value, max(variance.total(), 0.0), dof.satterthwaite_df())
+        terms = _Terms(episode_part)
+    return _Estimate(value, max(terms.variance(), 0.0), terms.satterthwaite_df())
 
 
 def _t_half_width(estimate: _Estimate) -> float:
