@@ -410,7 +410,8 @@ def seeds_mean_ci(runs: Sequence[SeedRun]) -> MeanCI:
     """Mean over seeds of per-seed mean accuracy, with ``t(0.975, nu) * SE`` over seeds and episodes.
 
     ``SE^2`` estimates ``va / S + vb / n + ve / (S n)`` (two-way ANOVA on a shared manifest, nested ANOVA
-    when every seed has its own manifest, see the module docstring); ``nu`` is Welch-Satterthwaite's.
+    when every seed has its own manifest, see the module docstring); ``nu`` is Welch-Satterthwaite's, with
+    the seed part at its upper bound (module docstring, "Degrees of freedom").
     With a single run this is exactly :func:`mean_ci` (1.96, episodes only), so one-seed tables match the
     papers.
 
