@@ -13,7 +13,11 @@ Choices (each one is stated in the rendered table too):
   the user meant.
 * **Seeds.** Runs with the same row, cell and seed are the same experiment: an identical copy is shown
   once (with a note on stderr), two disagreeing copies are an error. Different seeds combine: mean over
-  seeds of per-seed means, ``±`` from a bootstrap over seeds x episodes (:mod:`benchmark.stats`).
+  seeds of per-seed means, ``±`` a t interval over seeds and episodes (two-way ANOVA, Welch-Satterthwaite
+  degrees of freedom; :mod:`benchmark.stats`), which covers training randomness as well as episodes.
+* **Intervals.** The caption says what each ``±`` covers: with one seed, the sampling of test episodes
+  only. A Δ from one seed per learner says so in a footnote. An accuracy whose interval would pass 0% or
+  100%, or would have zero width, shows ``[low, high]`` instead (:func:`benchmark.stats.accuracy_bounds`).
 * **Paired differences** (``reference=``): learner minus reference, per episode, only between runs scored
   on identical test episodes (the same set of manifest hashes). Anything else is never paired and shows
   ``n/p``.
@@ -36,7 +40,7 @@ import pandas as pd
 
 from benchmark.errors import BenchError
 from benchmark.harness.rundir import FINISHED, FinishedRun, RunDirError, find_run_dirs, read_finished_run
-from benchmark.stats import DEFAULT_RESAMPLES, MeanCI, SeedRun, seeds_difference, seeds_mean_ci
+from benchmark.stats import Bounds, MeanCI, SeedRun, accuracy_bounds, seeds_difference, seeds_mean_ci
 
 #: Run settings that define the experiment: runs differing in one of them are never combined.
 EXPERIMENT_KEYS = ("protocol", "split_hash", "rotations", "query", "train", "iterations", "reduced", "select")
@@ -196,6 +200,8 @@ class Cell:
     manifests: tuple[str, ...]
     runs: list[SeedRun]
     facts: dict[str, Any]
+    #: The ends of ``result``'s interval after the edge-of-scale rules (``rule`` ``"normal"`` when none applied).
+    bounds: Bounds
     #: The plugin that produced the runs: distribution (or file), version, code hash (";"-joined if several).
     plugin: dict[str, str] = field(default_factory=dict)
     #: Difference to the reference row; ``None`` when there is no reference, this is the reference row,
@@ -289,35 +295,70 @@ def _resolve_reference(reference: str, rows: list[str], learners: dict[str, str]
     raise BenchError(f"reference learner {reference!r} has no runs here; learners present: {', '.join(rows)}")
 
 
-def _caption(cells: Iterable[Cell], fixed: dict[str, str], resamples: int) -> str:
+def _caption(cells: Iterable[Cell], fixed: dict[str, str]) -> str:
     cells = list(cells)
     sizes = {run.accuracy.size for c in cells for run in c.runs}
     over = f"{sizes.pop()} test episodes" if len(sizes) == 1 else "the test episodes (n per cell in the CSV)"
     parts = [
         "Omniglot test accuracy (%), mean ± 95% confidence interval: ± is 1.96 s/sqrt(n) over "
-        f"{over} of one training seed (normal approximation, as in the few-shot papers)."
+        f"{over} of one training seed (normal approximation, as in the few-shot papers); it covers the "
+        "sampling of test episodes, not training randomness."
     ]
     if any(c.seeds > 1 for c in cells):
         parts.append(
-            "Cells marked (k seeds) average k training seeds (mean of per-seed means) and their ± is "
-            f"1.96 × the bootstrap standard error over seeds × episodes ({resamples:,} resamples, fixed seed)."
+            "Cells marked (k seeds) average k training seeds (mean of per-seed means) and their ± covers both "
+            "training randomness and the sampling of test episodes: t × SE, SE = sqrt(seed variance/k + "
+            "episode variance/n + residual/(k n)) from a two-way ANOVA of seeds × episodes (seeds scored on "
+            "different test episodes: the spread of the seed means), t with Welch-Satterthwaite degrees of "
+            "freedom (see benchmark.stats)."
         )
     if fixed:
         parts.append("Protocol: " + "; ".join(f"{label} {value}" for label, value in fixed.items()) + ".")
     return " ".join(parts)
 
 
-def build_table(
-    runs: pd.DataFrame,
-    reference: str | None = None,
-    resamples: int = DEFAULT_RESAMPLES,
-    warn: Warn = _stderr,
-) -> Table:
+def _queries_per_episode(group: pd.DataFrame, way: int) -> int | None:
+    """``way x queries per class`` of a cell's runs, or ``None`` when the runs do not say."""
+    query = group["query"].iloc[0]
+    if query is None or (isinstance(query, float) and math.isnan(query)):
+        return None
+    return way * int(query)
+
+
+#: Footnote for cells shown as ``[low, high]`` (:func:`benchmark.stats.accuracy_bounds`).
+EDGE_NOTE = (
+    "[low, high]: an accuracy at the edge of the scale, shown as the ends of its 95% interval. Where mean ± CI "
+    "would pass 0% or 100% it is cut there (the accuracy cannot leave [0, 100], so the cut interval covers "
+    "as often as the uncut one); where every episode scored the same (± would be 0.00) it is the Wilson "
+    "score interval for the proportion of correct queries over all episodes × queries per episode (one "
+    "trial per episode when the query count is unknown)."
+)
+
+
+def _delta_coverage_notes(seed_counts: set[tuple[int, int]]) -> list[str]:
+    """What the ± of the Δ shown covers, given their ``(row seeds, reference seeds)``."""
+    notes = []
+    if (1, 1) in seed_counts:
+        notes.append(
+            "Δ from one training seed per learner: ± is 1.96 s/sqrt(n) of the per-episode differences and "
+            "covers the sampling of test episodes only, not training randomness: another training seed of "
+            "either learner can move Δ by more than this."
+        )
+    if any(max(pair) > 1 for pair in seed_counts):
+        notes.append(
+            "Δ where a side has several seeds: ± is t × SE, SE = sqrt(variance of the per-episode differences/n "
+            "+ each side's seed variance/its seed count), t with Welch-Satterthwaite degrees of freedom; it "
+            "covers the training randomness of each side with several seeds and the sampling of test "
+            "episodes. A side with a single seed adds no seed variance: its training randomness is not covered."
+        )
+    return notes
+
+
+def build_table(runs: pd.DataFrame, reference: str | None = None, warn: Warn = _stderr) -> Table:
     """Group runs into rows and (way, shot) columns and compute every cell's statistics.
 
     :param runs: the output of :func:`load_runs`.
     :param reference: a learner name (or an exact row label) to compare every row against.
-    :param resamples: bootstrap resamples for cells with several seeds.
     :raises BenchError: unknown reference, or two disagreeing runs of the same seed.
     """
     runs = runs.assign(row=_row_labels(runs))
@@ -325,16 +366,18 @@ def build_table(
     for (row, way, shot), group in runs.groupby(["row", "way", "shot"], sort=False):
         group = _dedupe_seeds(group, str(row), warn)
         seed_runs = [SeedRun(m, a) for m, a in zip(group["manifest_hash"], group["accuracy"])]
+        result = seeds_mean_ci(seed_runs)
         cells[(str(row), (int(way), int(shot)))] = Cell(
             row=str(row),
             learner=str(group["learner"].iloc[0]),
             way=int(way),
             shot=int(shot),
-            result=seeds_mean_ci(seed_runs, resamples=resamples),
+            result=result,
             seeds=len(seed_runs),
             manifests=tuple(sorted(set(group["manifest_hash"]))),
             runs=seed_runs,
             facts=group["facts"].iloc[0],
+            bounds=accuracy_bounds(result, _queries_per_episode(group, int(way))),
             plugin={k: ";".join(sorted({str(v) for v in group[k] if v is not None})) for k in PLUGIN_COLUMNS},
         )
 
@@ -346,18 +389,20 @@ def build_table(
         reference = _resolve_reference(reference, rows, learners)
         rows.remove(reference)
         rows.insert(0, reference)
+        seed_counts: set[tuple[int, int]] = set()  # (row's seeds, reference's seeds) of every Δ shown
         for (row, column), cell in cells.items():
             base = cells.get((reference, column))
             if row == reference or base is None:
                 continue
             cell.paired = set(cell.manifests) == set(base.manifests)
             if cell.paired:
-                cell.diff = seeds_difference(cell.runs, base.runs, resamples=resamples)
+                cell.diff = seeds_difference(cell.runs, base.runs)
+                seed_counts.add((cell.seeds, base.seeds))
         footnotes.append(
             f"Δ: paired difference to {reference} (this row minus {reference}) on identical test episodes "
-            "(same manifest hash), mean ± 95% CI of the per-episode difference (with several seeds, 1.96 × the "
-            "bootstrap standard error over seeds × episodes)."
+            "(same manifest hash): mean of the per-episode differences ± 95% CI."
         )
+        footnotes += _delta_coverage_notes(seed_counts)
         if any(c.paired is False for c in cells.values()):
             footnotes.append(
                 f"{NOT_PAIRED}: not paired: this run and the {reference} run were scored on different test "
@@ -389,7 +434,9 @@ def build_table(
             row: _summarize_facts({col: c.facts.get(key, MISSING) for (r, col), c in cells.items() if r == row})
             for row in rows
         }
-    return Table(rows, columns, cells, notes, _caption(cells.values(), fixed, resamples), footnotes, reference)
+    if any(c.bounds.rule != "normal" for c in cells.values()):
+        footnotes.append(EDGE_NOTE)
+    return Table(rows, columns, cells, notes, _caption(cells.values(), fixed), footnotes, reference)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -401,10 +448,16 @@ def _pct(value: float) -> str:
 
 
 def format_cell(cell: Cell | None) -> str:
-    """``'97.12 ± 0.45'`` (percent, two decimals), with ``' (3 seeds)'`` when seeds were combined."""
+    """``'97.12 ± 0.45'`` (percent, two decimals), with ``' (3 seeds)'`` when seeds were combined.
+
+    At the edge of the scale, ``'100.00 [99.99, 100.00]'``: the interval's ends (see ``EDGE_NOTE``).
+    """
     if cell is None:
         return MISSING
-    text = f"{_pct(cell.result.mean)} ± {_pct(cell.result.ci)}"
+    if cell.bounds.rule == "normal":
+        text = f"{_pct(cell.result.mean)} ± {_pct(cell.result.ci)}"
+    else:
+        text = f"{_pct(cell.result.mean)} [{_pct(cell.bounds.lower)}, {_pct(cell.bounds.upper)}]"
     return text + (f" ({cell.seeds} seeds)" if cell.seeds > 1 else "")
 
 
@@ -511,7 +564,7 @@ def frame_latex(frame: pd.DataFrame, caption: str, footnotes: Iterable[str] = ()
 
 
 CSV_COLUMNS = (
-    "row", "learner", "way", "shot", "mean", "ci", "std", "n", "seeds", "manifest_hash",
+    "row", "learner", "way", "shot", "mean", "ci", "ci_low", "ci_high", "std", "n", "seeds", "manifest_hash",
     "reference", "diff", "diff_ci", "paired",
 )  # fmt: skip
 #: Where a row's numbers come from, in the CSV: the plugin's distribution (or file), version, code hash.
@@ -519,8 +572,10 @@ PLUGIN_COLUMNS = ("plugin", "plugin_version", "code_sha256")
 
 
 def csv_frame(table: Table) -> pd.DataFrame:
-    """One row per (row, cell); ``mean, ci, std, diff, diff_ci`` in percent at full precision.
+    """One row per (row, cell); ``mean, ci, ci_low, ci_high, std, diff, diff_ci`` in percent at full precision.
 
+    ``ci_low``/``ci_high``: the ends of the interval as the table shows it (``mean ± ci`` unless an
+    edge-of-scale rule applied, see ``EDGE_NOTE``).
     ``n`` counts the accuracies behind ``mean`` (episodes x seeds); ``paired`` is empty without a reference
     or on the reference row, else true/false; ``diff``/``diff_ci`` are empty unless paired. Then the plugin
     columns and one column per protocol fact (harness facts by key, learner facts by their label).
@@ -541,6 +596,8 @@ def csv_frame(table: Table) -> pd.DataFrame:
                     "shot": cell.shot,
                     "mean": 100 * cell.result.mean,
                     "ci": 100 * cell.result.ci,
+                    "ci_low": 100 * cell.bounds.lower,
+                    "ci_high": 100 * cell.bounds.upper,
                     "std": 100 * cell.result.std,
                     "n": cell.result.n,
                     "seeds": cell.seeds,

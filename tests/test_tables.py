@@ -17,6 +17,7 @@ import pytest
 
 from benchmark.cli import main
 from benchmark.errors import BenchError
+from benchmark.stats import SeedRun, seeds_difference, seeds_mean_ci
 from benchmark.tables import build_table, csv_frame, latex_escape, load_runs, make_table, render_latex
 
 
@@ -166,11 +167,45 @@ def test_several_seeds_combine_and_duplicates_count_once(tmp_path: Path) -> None
     cell = table.cells[("maml", (5, 1))]
     assert cell.seeds == 3
     assert cell.result.mean == pytest.approx(np.mean([s.mean() for s in seeds]))
-    assert table_rows(table)["maml"]["5-way 1-shot"].endswith("(3 seeds)")
-    assert "bootstrap" in table.caption and "seeds × episodes" in table.caption
+    expected = seeds_mean_ci([SeedRun("manifest-a", acc) for acc in seeds])
+    assert table_rows(table)["maml"]["5-way 1-shot"] == f"{100 * expected.mean:.2f} ± {100 * expected.ci:.2f} (3 seeds)"
+    assert "two-way ANOVA of seeds × episodes" in table.caption
+    assert "covers both training randomness and the sampling of test episodes" in table.caption
     assert any("counted once" in n for n in notes)
-    # Same table every time: the bootstrap generator has a fixed seed.
     assert make_table([tmp_path]) == make_table([tmp_path])
+
+
+def test_footnotes_say_what_a_delta_covers(tmp_path: Path) -> None:
+    write_run(tmp_path, "ref", accuracies(100), learner="maml")
+    write_run(tmp_path, "one", accuracies(101), learner="fomaml")
+    single = build_table(load_runs([tmp_path]), reference="maml")
+    assert any("one training seed per learner" in n and "not training randomness" in n for n in single.footnotes)
+    assert not any("a side has several seeds" in n for n in single.footnotes)
+    for seed in (1, 2):
+        write_run(tmp_path, f"ref{seed}", accuracies(110 + seed), learner="maml", seed=seed)
+        write_run(tmp_path, f"one{seed}", accuracies(120 + seed), learner="fomaml", seed=seed)
+    several = build_table(load_runs([tmp_path]), reference="maml")
+    assert not any("one training seed per learner" in n for n in several.footnotes)
+    assert any("a side has several seeds" in n for n in several.footnotes)
+    cell = several.cells[("fomaml", (5, 1))]
+    expected = seeds_difference(cell.runs, several.cells[("maml", (5, 1))].runs)
+    assert (cell.diff.mean, cell.diff.ci) == (expected.mean, expected.ci)
+
+
+def test_perfect_accuracy_shows_an_interval_not_zero_width(tmp_path: Path) -> None:
+    write_run(tmp_path, "perfect", np.ones(600), learner="maml")
+    write_run(tmp_path, "usual", accuracies(130), learner="fomaml")
+    table = build_table(load_runs([tmp_path]))
+    rows = table_rows(table)
+    # 600 episodes x 5-way x 15 queries = 45000 correct queries: Wilson's lower end is 45000 / (45000 + 1.96^2).
+    assert rows["maml"]["5-way 1-shot"] == "100.00 [99.99, 100.00]"
+    assert rows["fomaml"]["5-way 1-shot"].count("±") == 1
+    assert any(n.startswith("[low, high]") and "Wilson" in n for n in table.footnotes)
+    frame = csv_frame(table).set_index("row")
+    assert frame.loc["maml", "ci_low"] == pytest.approx(100 * 45_000 / (45_000 + 1.96**2))
+    assert frame.loc["maml", "ci_high"] == 100.0
+    assert frame.loc["fomaml", "ci_high"] == pytest.approx(frame.loc["fomaml", "mean"] + frame.loc["fomaml", "ci"])
+    assert not any(n.startswith("[low, high]") for n in build_table(load_runs([tmp_path / "usual"])).footnotes)
 
 
 def test_disagreeing_copies_of_one_seed_are_an_error(tmp_path: Path) -> None:
@@ -226,7 +261,7 @@ def test_markdown_has_caption_and_csv_parses_back(tmp_path: Path) -> None:
     assert "| learner" in markdown and "5-way 1-shot Δ" in markdown and "- n/p: not paired" in markdown
     frame = pd.read_csv(io.StringIO(make_table([tmp_path], fmt="csv", reference="maml")))
     assert list(frame.columns[:4]) == ["row", "learner", "way", "shot"]
-    assert {"mean", "ci", "n", "diff", "diff_ci"} <= set(frame.columns)
+    assert {"mean", "ci", "ci_low", "ci_high", "n", "diff", "diff_ci"} <= set(frame.columns)
     assert frame.set_index("row").loc["maml", "n"] == 600
 
 

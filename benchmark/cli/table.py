@@ -35,8 +35,8 @@ def table(paths: tuple[str, ...], fmt: str, reference: str | None, output: str |
 
     One row per learner (variants of a learner that differ in config are separate rows, labelled by the
     differing keys), one column per way/shot. Cells are mean ± 95% CI in percent over the test episodes;
-    several training seeds of the same run combine (bootstrap over seeds x episodes). Runs that are not
-    complete are skipped with a note on stderr.
+    several training seeds of the same run combine (t interval over seeds x episodes, which also covers
+    training randomness). Runs that are not complete are skipped with a note on stderr.
 
     \b
     bench table results/
