@@ -1,4 +1,4 @@
-"""benchmark.stats: the 95% CI of one run, paired differences, several seeds, and their coverage."""
+"""benchmark.reporting.stats: the 95% CI of one run, paired differences, several seeds, and their coverage."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from benchmark.stats import (
+from benchmark.reporting.stats import (
     SEED_DF_CONFIDENCE,
     Z95,
     MeanCI,

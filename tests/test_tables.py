@@ -1,4 +1,4 @@
-"""benchmark.tables and `bench table`: synthetic run directories, numbers checked by hand with numpy."""
+"""benchmark.reporting.tables and `bench table`: synthetic run directories, numbers checked by hand with numpy."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import pytest
 
 from benchmark.cli import main
 from benchmark.errors import BenchError
-from benchmark.stats import SeedRun, seeds_difference, seeds_mean_ci
-from benchmark.tables import build_table, csv_frame, latex_escape, load_runs, make_table, render_latex
+from benchmark.reporting.stats import SeedRun, seeds_difference, seeds_mean_ci
+from benchmark.reporting.tables import build_table, csv_frame, latex_escape, load_runs, make_table, render_latex
 
 
 def write_run(
@@ -88,7 +88,7 @@ def by_hand(acc: np.ndarray) -> tuple[float, float]:
 
 
 def table_rows(table) -> dict[str, dict[str, str]]:
-    from benchmark.tables import display_frame
+    from benchmark.reporting.tables import display_frame
 
     return display_frame(table).set_index("learner").to_dict(orient="index")
 

@@ -43,7 +43,7 @@ def table(paths: tuple[str, ...], fmt: str, reference: str | None, output: str |
     bench table results/ --reference maml --format latex --output table.tex
     """
     from benchmark.errors import BenchError
-    from benchmark.tables import make_table
+    from benchmark.reporting.tables import make_table
 
     text = make_table(paths or ("results/",), fmt=fmt, reference=reference, warn=lambda m: click.echo(m, err=True))
     if output is None:

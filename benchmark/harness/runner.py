@@ -455,7 +455,7 @@ class Runner:
     def _summary(self, accuracies: torch.Tensor, train: TrainState, eval_seconds: float, manifest: Manifest,
                  selected: dict[str, Any]) -> dict[str, Any]:
         from benchmark.harness.runtime import peak_memory_mb
-        from benchmark.stats import mean_ci
+        from benchmark.reporting.stats import mean_ci
 
         mean, half_width, std, n = mean_ci(accuracies.numpy())
         iterations = self.plan.settings.iterations

@@ -1,7 +1,7 @@
 """Reproducing a paper's table: the published numbers (declared by the paper's plugin) beside ours, measured by
 ``bench run --preset PAPER`` on our fixed test episodes.
 
-The mark compares our interval with the published one (``benchmark.stats.compare_to_published``): *within*
+The mark compares our interval with the published one (``benchmark.reporting.stats.compare_to_published``): *within*
 when the two 95% intervals are compatible, *above* or *below* otherwise. It is given only when both sides
 are 95% confidence intervals measured on the paper's protocol; anything else (a published ± that is a
 standard deviation over seeds, no ± at all, a number measured under another protocol, a reduced run of
@@ -65,7 +65,7 @@ def published_text(anchor: Anchor | None) -> str:
 
 def mark(ours_mean: float, ours_ci: float | None, anchor: Anchor | None, reduced: bool) -> str:
     """within / above / below, or why the cell is not judged (all numbers in percent)."""
-    from benchmark.stats import compare_to_published
+    from benchmark.reporting.stats import compare_to_published
 
     if anchor is None:
         return "no published number"
@@ -108,7 +108,7 @@ def _runs_of(out: Path, paper_name: str) -> list[tuple[Path, dict[str, Any], Any
 
 
 def _row(paper: Paper, learner: str, way: int, shot: int, runs: list[tuple[Path, dict, Any]]) -> Row:
-    from benchmark.stats import mean_ci
+    from benchmark.reporting.stats import mean_ci
 
     anchor = paper.anchor(learner, way, shot)
     mine = [(d, c, f) for d, c, f in runs if c["run"].get("learner") == learner
@@ -183,7 +183,7 @@ def render(result: dict[str, Any], fmt: str) -> str:
     """The comparison as Markdown or LaTeX, with the same renderers as ``bench table``."""
     import pandas as pd
 
-    from benchmark.tables import frame_latex, frame_markdown
+    from benchmark.reporting.tables import frame_latex, frame_markdown
 
     frame = pd.DataFrame([row.as_dict() for row in result["rows"]])
     return (frame_markdown if fmt == "markdown" else frame_latex)(frame, result["caption"])

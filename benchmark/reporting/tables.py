@@ -14,10 +14,10 @@ Choices (each one is stated in the rendered table too):
 * **Seeds.** Runs with the same row, cell and seed are the same experiment: an identical copy is shown
   once (with a note on stderr), two disagreeing copies are an error. Different seeds combine: mean over
   seeds of per-seed means, ``±`` a t interval over seeds and episodes (two-way ANOVA, Welch-Satterthwaite
-  degrees of freedom; :mod:`benchmark.stats`), which covers training randomness as well as episodes.
+  degrees of freedom; :mod:`benchmark.reporting.stats`), which covers training randomness as well as episodes.
 * **Intervals.** The caption says what each ``±`` covers: with one seed, the sampling of test episodes
   only. A Δ from one seed per learner says so in a footnote. An accuracy whose interval would pass 0% or
-  100%, or would have zero width, shows ``[low, high]`` instead (:func:`benchmark.stats.accuracy_bounds`).
+  100%, or would have zero width, shows ``[low, high]`` instead (:func:`benchmark.reporting.stats.accuracy_bounds`).
 * **Paired differences** (``reference=``): learner minus reference, per episode, only between runs scored
   on identical test episodes (the same set of manifest hashes). Anything else is never paired and shows
   ``n/p``.
@@ -40,7 +40,7 @@ import pandas as pd
 
 from benchmark.errors import BenchError
 from benchmark.harness.rundir import FINISHED, FinishedRun, RunDirError, find_run_dirs, read_finished_run
-from benchmark.stats import Bounds, MeanCI, SeedRun, accuracy_bounds, seeds_difference, seeds_mean_ci
+from benchmark.reporting.stats import Bounds, MeanCI, SeedRun, accuracy_bounds, seeds_difference, seeds_mean_ci
 
 #: Run settings that define the experiment: runs differing in one of them are never combined.
 EXPERIMENT_KEYS = ("protocol", "split_hash", "rotations", "query", "train", "iterations", "reduced", "select")
@@ -310,7 +310,7 @@ def _caption(cells: Iterable[Cell], fixed: dict[str, str]) -> str:
             "training randomness and the sampling of test episodes: t × SE, SE = sqrt(seed variance/k + "
             "episode variance/n + residual/(k n)) from a two-way ANOVA of seeds × episodes (seeds scored on "
             "different test episodes: the spread of the seed means), t with Welch-Satterthwaite degrees of "
-            "freedom (see benchmark.stats)."
+            "freedom (see benchmark.reporting.stats)."
         )
     if fixed:
         parts.append("Protocol: " + "; ".join(f"{label} {value}" for label, value in fixed.items()) + ".")
@@ -325,7 +325,7 @@ def _queries_per_episode(group: pd.DataFrame, way: int) -> int | None:
     return way * int(query)
 
 
-#: Footnote for cells shown as ``[low, high]`` (:func:`benchmark.stats.accuracy_bounds`).
+#: Footnote for cells shown as ``[low, high]`` (:func:`benchmark.reporting.stats.accuracy_bounds`).
 EDGE_NOTE = (
     "[low, high]: an accuracy at the edge of the scale, shown as the ends of its 95% interval. Where mean ± CI "
     "would pass 0% or 100% it is cut there (the accuracy cannot leave [0, 100], so the cut interval covers "
