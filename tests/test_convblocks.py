@@ -1,4 +1,5 @@
-"""The functional conv-block stacks of the metric learners against torch.nn modules run one episode at a time."""
+"""The functional conv-block stacks of the metric learners against torch.nn modules (``as_modules``) run one
+episode at a time."""
 
 from __future__ import annotations
 
@@ -9,29 +10,12 @@ import torch
 from torch import nn
 
 from benchmark.toolkit.convblocks import (
-    ConvBlock, blocks_forward, conv4_pool, episode_batch_norm, init_blocks, update_running,
+    ConvBlock, as_modules, blocks_forward, conv4_pool, episode_batch_norm, init_blocks, update_running,
 )
 
 
 def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-def _modules(blocks, params, buffers, prefix, momentum):
-    """An nn.Sequential per block, loaded with the functional parameters (float64)."""
-    layers = []
-    for i, block in enumerate(blocks, start=1):
-        conv = nn.Conv2d(block.in_channels, block.out_channels, 3, padding=block.padding).double()
-        bn = nn.BatchNorm2d(block.out_channels, momentum=momentum).double()
-        with torch.no_grad():
-            conv.weight.copy_(params[f"{prefix}{i}.conv.weight"])
-            conv.bias.copy_(params[f"{prefix}{i}.conv.bias"])
-            bn.weight.copy_(params[f"{prefix}{i}.bn.weight"])
-            bn.bias.copy_(params[f"{prefix}{i}.bn.bias"])
-            bn.running_mean.copy_(buffers[f"{prefix}{i}.bn.running_mean"])
-            bn.running_var.copy_(buffers[f"{prefix}{i}.bn.running_var"])
-        layers += [conv, bn, nn.ReLU()] + ([nn.MaxPool2d(2)] if block.pool else [])
-    return nn.Sequential(*layers)
 
 
 def _shift_bn(params, prefix, count):
@@ -52,7 +36,7 @@ RN_EMBEDDING = (ConvBlock(1, 64, 0, True), ConvBlock(64, 64, 0, True), ConvBlock
 def test_episodes_at_once_equal_one_module_forward_per_episode(blocks, out_hw, momentum):
     params, buffers = init_blocks(blocks, _gen(1), prefix="b", dtype=torch.float64)
     params = _shift_bn(params, "b", len(blocks))
-    net = _modules(blocks, params, buffers, "b", momentum)
+    net = as_modules(blocks, params, buffers, prefix="b", momentum=momentum)
     x = torch.rand(3, 6, 1, 28, 28, generator=_gen(2), dtype=torch.float64)
 
     out, new_buffers = blocks_forward(blocks, params, buffers, x, prefix="b", batch_stats=True, momentum=momentum)
@@ -78,7 +62,7 @@ def test_float32_matches_the_modules_closely():
     blocks = conv4_pool()
     params, buffers = init_blocks(blocks, _gen(3), prefix="e")
     params = _shift_bn(params, "e", 4)
-    net = _modules(blocks, params, buffers, "e", 0.1).float()
+    net = as_modules(blocks, params, buffers, prefix="e")
     x = torch.rand(2, 10, 1, 28, 28, generator=_gen(4))
     out, _ = blocks_forward(blocks, params, buffers, x, prefix="e", batch_stats=True)
     net.train()

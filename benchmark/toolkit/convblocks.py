@@ -127,19 +127,22 @@ def episode_batch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     Returns:
         (y [T, B, C, H, W], running_mean [C], running_var [C])
     """
+    t, b, c, h, w = x.shape
     if not batch_stats:
-        scale = weight * torch.rsqrt(running_var + BN_EPS)
-        shift = bias - running_mean * scale
-        return x * scale[:, None, None] + shift[:, None, None], running_mean, running_var
-    var, mean = torch.var_mean(x, dim=(1, 3, 4), unbiased=False)  # [T, C] each
-    scale = weight * torch.rsqrt(var + BN_EPS)  # [T, C]
-    shift = bias - mean * scale
-    y = x * scale[:, None, :, None, None] + shift[:, None, :, None, None]
-    n = x.shape[1] * x.shape[3] * x.shape[4]
-    with torch.no_grad():
-        unbiased = var * (n / max(n - 1, 1))
-        new_mean = update_running(running_mean, mean.detach(), momentum)
-        new_var = update_running(running_var, unbiased.detach(), momentum)
+        y = F.batch_norm(x.reshape(t * b, c, h, w), running_mean, running_var, weight, bias, training=False,
+                         eps=BN_EPS)
+        return y.view(t, b, c, h, w), running_mean, running_var
+    # Episode t's channel c becomes channel t*C + c of one native call, so each episode gets its own
+    # statistics from the fused kernel (a free view when T = 1). Fresh buffers with momentum 1 come back
+    # holding exactly those statistics (mean and unbiased variance), which the closed form then folds in.
+    per_episode = x.transpose(0, 1).reshape(b, t * c, h, w)
+    means = torch.zeros(t * c, dtype=x.dtype, device=x.device)
+    variances = torch.ones(t * c, dtype=x.dtype, device=x.device)
+    y = F.batch_norm(per_episode, means, variances, weight.repeat(t), bias.repeat(t), training=True, momentum=1.0,
+                     eps=BN_EPS)
+    y = y.view(b, t, c, h, w).transpose(0, 1)
+    new_mean = update_running(running_mean, means.view(t, c), momentum)
+    new_var = update_running(running_var, variances.view(t, c), momentum)
     return y, new_mean, new_var
 
 
@@ -170,3 +173,30 @@ def blocks_forward(blocks: Sequence[ConvBlock], params: Params, buffers: Params,
         if block.pool:
             h = F.max_pool2d(h.flatten(0, 1), 2).unflatten(0, (t, b))
     return h, new_buffers
+
+
+def as_modules(blocks: Sequence[ConvBlock], params: Params, buffers: Params, *, prefix: str,
+               momentum: float = BN_MOMENTUM) -> torch.nn.Sequential:
+    """The same stack as ``torch.nn`` modules holding copies of ``params`` and ``buffers`` (for checks against
+    the native layers, or to hand a trained network to code that expects a module). Same dtype and device.
+
+    One episode at a time: a training-mode forward of ``[B, I, H, W]`` equals ``blocks_forward`` of that
+    episode with batch statistics, and updates the module's running statistics as the returned buffers are.
+    """
+    layers: list[torch.nn.Module] = []
+    for i, block in enumerate(blocks, start=1):
+        name = f"{prefix}{i}"
+        weight = params[f"{name}.conv.weight"]
+        conv = torch.nn.Conv2d(block.in_channels, block.out_channels, 3, padding=block.padding)
+        bn = torch.nn.BatchNorm2d(block.out_channels, eps=BN_EPS, momentum=momentum)
+        conv.to(device=weight.device, dtype=weight.dtype)
+        bn.to(device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(weight)
+            conv.bias.copy_(params[f"{name}.conv.bias"])
+            bn.weight.copy_(params[f"{name}.bn.weight"])
+            bn.bias.copy_(params[f"{name}.bn.bias"])
+            bn.running_mean.copy_(buffers[f"{name}.bn.running_mean"])
+            bn.running_var.copy_(buffers[f"{name}.bn.running_var"])
+        layers += [conv, bn, torch.nn.ReLU()] + ([torch.nn.MaxPool2d(2)] if block.pool else [])
+    return torch.nn.Sequential(*layers)
