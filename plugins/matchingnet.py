@@ -149,9 +149,9 @@ VINYALS2016 = Paper(
            "protocol of the preset are ours (see the preset notes in each run's config.json). The published "
            "row is the cosine, no-fine-tuning one, verified in Snell et al.'s reproduction of the table, not "
            "in the primary text."),
-    quick=Quick(cells=((5, 1),), settings={"iterations": 300, "val_every": 100, "checkpoint_every": 100,
-                                           "episodes": 200},
-                description="300 iterations, 200 test episodes"),
+    quick=Quick(cells=((5, 1),), settings={"iterations": 300, "val_every": 100, "val_episodes": 50,
+                                           "checkpoint_every": 100, "episodes": 200},
+                description="300 iterations, validation every 100 on 50 episodes, 200 test episodes"),
 )
 
 

@@ -44,7 +44,8 @@ class MetricConfig:
                                      min_inclusive=False)
     tasks: int = option(1, "episodes per training step (the papers: 1; each episode is batch-normalised on its own)",
                         min=1, max=10_000)
-    eval_batch_size: int = option(25, "test episodes scored at once in predict", min=1, max=10_000)
+    eval_batch_size: int = option(10, "test episodes scored at once in predict (the first conv map of an image is "
+                                      "64x28x28 floats)", min=1, max=10_000)
 
 
 #: Four pooled blocks, padding 1, 64 filters (PN-code ``protonets/models/few_shot.py:68-82``).

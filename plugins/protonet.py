@@ -131,8 +131,9 @@ SNELL2017 = Paper(
            "loss and retrained on train+val; ours is the best-validation-accuracy checkpoint of a fixed budget "
            "on the train split (see the preset notes in each run's config.json)."),
     quick=Quick(cells=((5, 1),), settings={"train_way": 20, "iterations": 300, "val_every": 100,
-                                           "checkpoint_every": 100, "episodes": 200},
-                description="300 iterations of 20-way training episodes, 200 test episodes"),
+                                           "val_episodes": 50, "checkpoint_every": 100, "episodes": 200},
+                description="300 iterations of 20-way training episodes, validation every 100 on 50 episodes, "
+                            "200 test episodes"),
 )
 
 

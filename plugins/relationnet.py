@@ -106,7 +106,6 @@ class RelationNetConfig(MetricConfig):
     bn: Literal["transductive", "running"] = option(
         "transductive", "test batch norm: transductive (each pass's own statistics, as the released code) or "
                         "running (running statistics, non-transductive)")
-    eval_batch_size: int = option(10, "test episodes scored at once in predict", min=1, max=10_000)
 
 
 class RelationNet(MetricLearner):
@@ -208,9 +207,9 @@ SUNG2018 = Paper(
     notes=("The published numbers come from checkpoints the released code selected on the test split, with "
            "transductive batch norm and a random character split; ours select on validation and use the Vinyals "
            "split, so a published number above ours may partly be that selection."),
-    quick=Quick(cells=((5, 1),), settings={"iterations": 300, "val_every": 100, "val_episodes": 100,
+    quick=Quick(cells=((5, 1),), settings={"iterations": 300, "val_every": 100, "val_episodes": 50,
                                            "checkpoint_every": 100, "episodes": 200},
-                description="300 iterations, validation every 100 on 100 episodes, 200 test episodes"),
+                description="300 iterations, validation every 100 on 50 episodes, 200 test episodes"),
 )
 
 
