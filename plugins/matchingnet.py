@@ -25,9 +25,8 @@ import torch.nn.functional as F
 
 from benchmark import hookimpl
 from benchmark.config import option
-from benchmark.papers import Anchor, Paper, Preset, Quick
-from benchmark.toolkit.convblocks import Params
-from plugins.metric import MetricConfig, MetricLearner, class_sums, embed_episodes, init_embedding
+from benchmark.papers import Paper, Preset, Quick
+from plugins.metric import OMNIGLOT_CELLS, EmbeddingLearner, MetricConfig, class_sums, table_anchors
 
 
 def cosine_similarities(queries: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
@@ -60,29 +59,22 @@ class MatchingNetConfig(MetricConfig):
                                 "equations have none)", min=0, min_inclusive=False, max=1000.0)
 
 
-class MatchingNet(MetricLearner):
+class MatchingNet(EmbeddingLearner):
     """Matching Networks, cosine, no FCE; see the module docstring."""
 
     name = "matchingnet"
     Config = MatchingNetConfig
     paper = "Vinyals et al. 2016, Matching Networks for One Shot Learning (cosine, no FCE)"
 
-    def init_network(self, generator: torch.Generator, dtype: torch.dtype,
-                     device: torch.device) -> tuple[Params, Params]:
-        return init_embedding(generator, dtype, device)
-
-    def scores(self, params: Params, buffers: Params, support_x: torch.Tensor, support_y: torch.Tensor,
-               query_x: torch.Tensor, way: int, training: bool) -> tuple[torch.Tensor, Params]:
-        support, query, buffers = embed_episodes(params, buffers, support_x, query_x, training)
-        return attention_log_probs(cosine_similarities(query, support), support_y, way, self.config.scale), buffers
+    def compare(self, support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor, way: int) -> torch.Tensor:
+        return attention_log_probs(cosine_similarities(query, support), support_y, way, self.config.scale)
 
     def loss(self, scores: torch.Tensor, query_y: torch.Tensor) -> torch.Tensor:
         return F.nll_loss(scores.flatten(0, 1), query_y.flatten())
 
     def describe(self) -> dict[str, Any]:
         scale = "" if self.config.scale == 1.0 else f", scale {self.config.scale:g}"
-        return {"batch norm": "running statistics (non-transductive)", "distance": f"cosine attention{scale}",
-                "embedding": "conv4 max-pool, 64-d"}
+        return {**super().describe(), "distance": f"cosine attention{scale}"}
 
 
 @hookimpl
@@ -138,13 +130,10 @@ VINYALS2016 = Paper(
     name="vinyals2016",
     title="Vinyals et al. 2016 (Matching Networks)",
     learners=("matchingnet",),
-    cells=((5, 1), (5, 5), (20, 1), (20, 5)),
+    cells=OMNIGLOT_CELLS,
     preset=vinyals2016_preset,
     selection="best-val",
-    anchors=tuple(
-        Anchor("matchingnet", w, k, mean, None, _NO_CI, _VINYALS, verified=False)
-        for (w, k), mean in zip(((5, 1), (5, 5), (20, 1), (20, 5)), (98.1, 98.9, 93.8, 98.5))
-    ),
+    anchors=table_anchors("matchingnet", (98.1, 98.9, 93.8, 98.5), (None,) * 4, _NO_CI, _VINYALS, verified=False),
     notes=("The paper prints no ± and states no training protocol: the optimiser, schedule, budget and test "
            "protocol of the preset are ours (see the preset notes in each run's config.json). The published "
            "row is the cosine, no-fine-tuning one, verified in Snell et al.'s reproduction of the table, not "

@@ -4,7 +4,8 @@ support embeddings; and the conv4 max-pool embedding of Prototypical and Matchin
 
 Prototypical, Matching and Relation Networks (``plugins.protonet``, ``plugins.matchingnet``,
 ``plugins.relationnet``) subclass ``MetricLearner`` and say only how an episode is scored
-(``scores``) and what the loss of those scores is (``loss``).
+(``scores``) and what the loss of those scores is (``loss``); the two on the conv4 embedding subclass
+``EmbeddingLearner`` and say only how query embeddings compare with support embeddings (``compare``).
 
 Everything runs on T episodes at once (``[T, ...]`` tensors): one forward of the network per call, batch
 norm per episode (``benchmark.toolkit.convblocks``). The papers train on one episode per step, the default
@@ -27,8 +28,20 @@ import torch.nn.functional as F
 from benchmark.config import option
 from benchmark.episodes import EpisodeBatch
 from benchmark.learner import Episodes, Learner, RunContext
+from benchmark.papers import Anchor
 from benchmark.toolkit.conv4 import load_training_state, training_state
 from benchmark.toolkit.convblocks import Params, blocks_forward, conv4_pool, init_blocks
+
+
+#: The test cells of the papers' Omniglot tables, in their column order.
+OMNIGLOT_CELLS = ((5, 1), (5, 5), (20, 1), (20, 5))
+
+
+def table_anchors(learner: str, means: tuple[float, ...], cis: tuple[float | None, ...], ci_kind: str, source: str,
+                  verified: bool) -> tuple[Anchor, ...]:
+    """One published number per cell of ``OMNIGLOT_CELLS`` (``means`` and ``cis`` in that order)."""
+    return tuple(Anchor(learner, way, shot, mean, ci, ci_kind, source, verified=verified)
+                 for (way, shot), mean, ci in zip(OMNIGLOT_CELLS, means, cis, strict=True))
 
 
 @dataclass(frozen=True)
@@ -187,3 +200,25 @@ class MetricLearner(Learner):
         load_training_state(self.params, self.optimizer, dict(state))
         self.buffers = {k: state["buffers"][k].to(device=v.device, dtype=v.dtype) for k, v in self.buffers.items()}
         self.iteration = int(state["iteration"])
+
+
+class EmbeddingLearner(MetricLearner):
+    """A metric learner on the conv4 embedding (``EMBEDDING``, PyTorch's default init) that compares query
+    embeddings with support embeddings: support and query go through the network as one batch per episode
+    in training, and test with the running statistics (non-transductive). Subclasses define ``compare``."""
+
+    def init_network(self, generator: torch.Generator, dtype: torch.dtype,
+                     device: torch.device) -> tuple[Params, Params]:
+        return init_embedding(generator, dtype, device)
+
+    def compare(self, support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor, way: int) -> torch.Tensor:
+        """Scores [T, M, N] of query embeddings [T, M, D] given support embeddings [T, S, D] and labels [T, S]."""
+        raise NotImplementedError
+
+    def scores(self, params: Params, buffers: Params, support_x: torch.Tensor, support_y: torch.Tensor,
+               query_x: torch.Tensor, way: int, training: bool) -> tuple[torch.Tensor, Params]:
+        support, query, buffers = embed_episodes(params, buffers, support_x, query_x, training)
+        return self.compare(support, support_y, query, way), buffers
+
+    def describe(self) -> dict[str, Any]:
+        return {"batch norm": "running statistics (non-transductive)", "embedding": "conv4 max-pool, 64-d"}

@@ -23,9 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmark import hookimpl
-from benchmark.papers import Anchor, Paper, Preset, Quick
-from benchmark.toolkit.convblocks import Params
-from plugins.metric import MetricConfig, MetricLearner, class_means, embed_episodes, init_embedding
+from benchmark.papers import Paper, Preset, Quick
+from plugins.metric import OMNIGLOT_CELLS, EmbeddingLearner, MetricConfig, class_means, table_anchors
 
 def squared_distances(queries: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
     """[T, M, D] and [T, N, D] -> [T, M, N] squared Euclidean distances, summed differences (no expansion
@@ -38,28 +37,21 @@ class ProtoNetConfig(MetricConfig):
     """Snell et al. 2017's Omniglot settings: Adam 1e-3 halved every 2000 episodes (§3.1)."""
 
 
-class ProtoNet(MetricLearner):
+class ProtoNet(EmbeddingLearner):
     """Prototypical Networks with squared Euclidean distance; see the module docstring."""
 
     name = "protonet"
     Config = ProtoNetConfig
     paper = "Snell, Swersky & Zemel 2017, Prototypical Networks for Few-shot Learning"
 
-    def init_network(self, generator: torch.Generator, dtype: torch.dtype,
-                     device: torch.device) -> tuple[Params, Params]:
-        return init_embedding(generator, dtype, device)
-
-    def scores(self, params: Params, buffers: Params, support_x: torch.Tensor, support_y: torch.Tensor,
-               query_x: torch.Tensor, way: int, training: bool) -> tuple[torch.Tensor, Params]:
-        support, query, buffers = embed_episodes(params, buffers, support_x, query_x, training)
-        return -squared_distances(query, class_means(support, support_y, way)), buffers
+    def compare(self, support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor, way: int) -> torch.Tensor:
+        return -squared_distances(query, class_means(support, support_y, way))
 
     def loss(self, scores: torch.Tensor, query_y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(scores.flatten(0, 1), query_y.flatten())
 
     def describe(self) -> dict[str, Any]:
-        return {"batch norm": "running statistics (non-transductive)", "distance": "squared Euclidean",
-                "embedding": "conv4 max-pool, 64-d"}
+        return {**super().describe(), "distance": "squared Euclidean"}
 
 
 @hookimpl
@@ -120,13 +112,10 @@ SNELL2017 = Paper(
     name="snell2017",
     title="Snell, Swersky & Zemel 2017 (Prototypical Networks)",
     learners=("protonet",),
-    cells=((5, 1), (5, 5), (20, 1), (20, 5)),
+    cells=OMNIGLOT_CELLS,
     preset=snell2017_preset,
     selection="best-val",
-    anchors=tuple(
-        Anchor("protonet", w, k, mean, None, _NO_CI, _SNELL)
-        for (w, k), mean in zip(((5, 1), (5, 5), (20, 1), (20, 5)), (98.8, 99.7, 96.0, 98.9))
-    ),
+    anchors=table_anchors("protonet", (98.8, 99.7, 96.0, 98.9), (None,) * 4, _NO_CI, _SNELL, verified=True),
     notes=("The paper prints no ± for Omniglot, so no cell is judged. Its model was early-stopped on validation "
            "loss and retrained on train+val; ours is the best-validation-accuracy checkpoint of a fixed budget "
            "on the train split (see the preset notes in each run's config.json)."),

@@ -35,9 +35,9 @@ import torch.nn.functional as F
 
 from benchmark import hookimpl
 from benchmark.config import option
-from benchmark.papers import Anchor, Paper, Preset, Quick
+from benchmark.papers import Paper, Preset, Quick
 from benchmark.toolkit.convblocks import ConvBlock, Params, blocks_forward, init_blocks
-from plugins.metric import MetricConfig, MetricLearner, class_sums
+from plugins.metric import OMNIGLOT_CELLS, MetricConfig, MetricLearner, class_sums, table_anchors
 
 #: RN-code ``omniglot/omniglot_train_one_shot.py:47-76`` (CNNEncoder).
 EMBEDDING = (ConvBlock(1, 64, padding=0, pool=True), ConvBlock(64, 64, padding=0, pool=True),
@@ -197,13 +197,11 @@ SUNG2018 = Paper(
     name="sung2018",
     title="Sung et al. 2018 (Relation Networks)",
     learners=("relationnet",),
-    cells=((5, 1), (5, 5), (20, 1), (20, 5)),
+    cells=OMNIGLOT_CELLS,
     preset=sung2018_preset,
     selection="best-val",
-    anchors=tuple(
-        Anchor("relationnet", w, k, mean, ci, _CI_KIND, _SUNG, verified=False)
-        for (w, k), mean, ci in zip(((5, 1), (5, 5), (20, 1), (20, 5)), (99.6, 99.8, 97.6, 99.1), (0.2, 0.1, 0.2, 0.1))
-    ),
+    anchors=table_anchors("relationnet", (99.6, 99.8, 97.6, 99.1), (0.2, 0.1, 0.2, 0.1), _CI_KIND, _SUNG,
+                          verified=False),
     notes=("The published numbers come from checkpoints the released code selected on the test split, with "
            "transductive batch norm and a random character split; ours select on validation and use the Vinyals "
            "split, so a published number above ours may partly be that selection."),
