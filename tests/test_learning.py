@@ -65,13 +65,21 @@ def _report(record_property, name, steps, acc, train_s, eval_s):
         ("maml", 300, 0.80, {"meta_batch_size": 8, "meta_lr": 3e-3}),
         ("fomaml", 200, 0.70, {"meta_batch_size": 8, "meta_lr": 3e-3}),
         ("finetune", 1000, 0.60, {}),
+        # The metric learners with their paper defaults (one episode per step, Adam 1e-3).
+        ("protonet", 300, 0.70, {}),
+        ("matchingnet", 500, 0.58, {}),
+        ("relationnet", 300, 0.65, {}),
     ],
 )
 def test_learner_learns(pools, record_property, name, steps, threshold, overrides):
     from plugins.finetune import Finetune
     from plugins.maml import FOMAML, MAML
+    from plugins.matchingnet import MatchingNet
+    from plugins.protonet import ProtoNet
+    from plugins.relationnet import RelationNet
 
-    learner_cls = {"maml": MAML, "fomaml": FOMAML, "finetune": Finetune}[name]
+    learner_cls = {"maml": MAML, "fomaml": FOMAML, "finetune": Finetune, "protonet": ProtoNet,
+                   "matchingnet": MatchingNet, "relationnet": RelationNet}[name]
     acc, train_s, eval_s = train_and_score(learner_cls, pools, steps, **overrides)
     _report(record_property, name, steps, acc, train_s, eval_s)
     assert acc >= threshold

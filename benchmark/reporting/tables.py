@@ -499,7 +499,8 @@ def frame_markdown(frame: pd.DataFrame, caption: str, footnotes: Iterable[str] =
     frame = frame.astype(str)
     for column in frame.columns:  # a literal | would split the cell
         frame[column] = frame[column].str.replace("|", "\\|", regex=False)
-    lines = [f"Table: {caption}", "", frame.to_markdown(index=False)]
+    # disable_numparse: tabulate would reprint number-like strings ("98.80" as 98.8) and realign them.
+    lines = [f"Table: {caption}", "", frame.to_markdown(index=False, disable_numparse=True)]
     footnotes = list(footnotes)
     if footnotes:
         lines += [""] + [f"- {note}" for note in footnotes]
