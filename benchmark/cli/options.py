@@ -6,6 +6,7 @@ here: command modules import this at ``bench <command> --help`` time.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -47,8 +48,21 @@ data_dir_option = click.option(
     "(default: the cache, else download).",
 )
 
-device_option = click.option("--device", type=str, default="auto", show_default=True,
-                             help="auto (the GPU when there is one), cpu, cuda or cuda:N.")
+def _set_threads(ctx: click.Context, param: click.Parameter, value: int | None) -> None:
+    if value is not None:
+        if value < 1:
+            raise click.BadParameter("must be at least 1")
+        os.environ["BENCH_THREADS"] = str(value)  # applied with the device (benchmark.harness.runtime)
+
+
+def device_option(func: F) -> F:
+    """``--device`` and ``--threads`` (CPU threads torch may use; on a shared machine fewer threads than cores
+    can be much faster, since threads waiting for busy cores stall each other)."""
+    func = click.option("--threads", type=int, default=None, envvar="BENCH_THREADS", show_envvar=True,
+                        expose_value=False, callback=_set_threads, is_eager=False,
+                        help="CPU threads for torch (default: torch's choice, one per core).")(func)
+    return click.option("--device", type=str, default="auto", show_default=True,
+                        help="auto (the GPU when there is one), cpu, cuda or cuda:N.")(func)
 
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 

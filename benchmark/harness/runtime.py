@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from benchmark.errors import BenchError
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` picks the GPU when there is one; an absent CUDA device is a clear error."""
+    """``auto`` picks the GPU when there is one; an absent CUDA device is a clear error. ``BENCH_THREADS``
+    (``--threads``) sets torch's CPU threads."""
+    threads = os.environ.get("BENCH_THREADS")
+    if threads:
+        try:
+            torch.set_num_threads(int(threads))
+        except ValueError:
+            raise BenchError(f"BENCH_THREADS={threads!r} is not a number of threads; set it to e.g. 1") from None
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
