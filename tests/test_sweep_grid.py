@@ -144,3 +144,18 @@ def test_points_that_make_the_same_run_are_planned_once(tmp_path, capsys):
 def test_status_of_a_folder_without_a_sweep_is_an_error(tmp_path, capsys):
     assert main(["sweep", "--status", "--out", str(tmp_path)]) == 2
     assert "holds no sweep" in capsys.readouterr().err
+
+
+def test_local_workers_go_round_the_visible_gpus(monkeypatch):
+    import torch
+
+    from benchmark.harness.sweep.local import worker_devices
+
+    assert worker_devices("cpu", None, 4) == ["cpu"] and worker_devices("cpu", 3, 1) == ["cpu"] * 3
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert worker_devices("auto", None, 2) == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
+    assert worker_devices("cuda", 3, 2) == ["cuda:0", "cuda:1", "cuda:0"]
+    assert worker_devices("cuda:1", None, 3) == ["cuda:1"] * 3
+    with pytest.raises(BenchError, match="--per-device must be at least 1"):
+        worker_devices("cuda", None, 0)

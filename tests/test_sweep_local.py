@@ -71,7 +71,8 @@ def test_local_sweep_runs_in_parallel_skips_when_rerun_and_adds_a_changed_grids_
              "--data-dir", str(omniglot_dir), "--out", str(out), "--workers", "2"]
     assert main([*sweep, "--seed", "0..2"]) == 0
     captured = capsys.readouterr()
-    assert len(re.findall(r"^\[\d/3\] fomaml 5w1s seed \d .*: \d+\.\d\d ± \d+\.\d\d %", captured.out, re.M)) == 3
+    line = r"^\[\d/3\] fomaml 5w1s seed \d .*: \d+\.\d\d ± \d+\.\d\d % over 6 test episodes"
+    assert len(re.findall(line, captured.out, re.M)) == 3
     assert f"table: bench table {out}" in captured.out and "2 worker(s)" in captured.err
     runs = sorted(p for p in out.iterdir() if (p / "summary.json").is_file())
     assert len(runs) == 3 and all((out / "logs" / f"{run.name}.log").is_file() for run in runs)

@@ -53,10 +53,12 @@ def folder(tmp_path):
     _progress(out, "training", 4000, 10000)
     _progress(out, "stopped", 300, 10000, phase="stopped")
     _write(out / "stopped" / "checkpoint.pt", "")
-    _write(out / "logs" / "broken.log", "=== start\nloading\n\nError: the training loss became nan between iterations 1 and 50\n")
+    _write(out / "logs" / "broken.log",
+           "=== start\nloading\n\nError: the training loss became nan between iterations 1 and 50\n")
     _progress(out, "slurm-pending", 120, 500, phase="stopped")
     _write(out / "slurm-pending" / "checkpoint.pt", "")
-    _write(out / "slurm" / "a" / "7_2_0_log.err", "Traceback (most recent call last):\nRunFailed: bench run exited with code 2\n")
+    _write(out / "slurm" / "a" / "7_2_0_log.err",
+           "Traceback (most recent call last):\nRunFailed: bench run exited with code 2\n")
     return out
 
 

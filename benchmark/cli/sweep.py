@@ -8,6 +8,7 @@ one-line error and exit code 2.
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import sys
 import time
@@ -117,6 +118,8 @@ def sweep(sweep_file, learners, cells, seeds, overrides, preset, device, data_di
 
         devices = worker_devices(device, workers, per_device)
     else:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):  # checked here; the nodes check that it exists
+            raise BenchError(f"unsupported device {device!r}; use auto, cpu, cuda or cuda:N")
         devices = [device]
     states = {run.name: _run_state(target.out / run.name) for run in runs}
     if dry_run:
@@ -232,7 +235,7 @@ def _run_local(out: Path, todo, devices, limit, info) -> None:
 def _outcome(out: Path, run, code: int, log: Path) -> str:
     """One run's end in a few words: its accuracy, why it stopped, or why it failed (its log's last line)."""
     from benchmark.harness import rundir as R
-    from benchmark.harness.sweep.status import FAILED, FINISHED, describe_exit, log_tail
+    from benchmark.harness.sweep.status import FAILED, FINISHED, describe_exit, log_tail, summary_text
 
     state, words = describe_exit(code)
     if state == FAILED:
@@ -240,9 +243,7 @@ def _outcome(out: Path, run, code: int, log: Path) -> str:
         return f"FAILED, {words}" + (f": {tail[0]}" if tail else "")
     if state != FINISHED:
         return f"{words}; resumable"
-    summary = R.read_json(out / run.name / R.SUMMARY)
-    ci = summary.get("ci95")
-    return f"{100 * summary['accuracy_mean']:.2f} ± {'n/a' if ci is None else f'{100 * ci:.2f}'} %"
+    return summary_text(R.read_json(out / run.name / R.SUMMARY))
 
 
 def _run_slurm(out: Path, todo, options, device: str, wait: bool, info) -> None:

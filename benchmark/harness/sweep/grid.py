@@ -219,8 +219,10 @@ def load_sweep_file(path: str | Path) -> dict[str, Any]:
         parts["options"] = _option_table(_table(data["options"], f"{where}: [options]"), f"{where}: [options]")
     if "learner" in data:
         per = _table(data["learner"], f"{where}: [learner]")
-        parts["learner_options"] = {name: _option_table(_table(t, f"{where}: [learner.{name}]"), f"{where}: [learner.{name}]")
-                                    for name, t in per.items()}
+        parts["learner_options"] = {}
+        for name, table in per.items():
+            section = f"{where}: [learner.{name}]"
+            parts["learner_options"][name] = _option_table(_table(table, section), section)
     return parts
 
 

@@ -6,16 +6,18 @@ the job step ``<delay>`` seconds before the time limit (and a preemption sends i
 is set up that way). submitit's job process installs a SIGUSR2 handler; it calls the callable's
 ``checkpoint()``, pickles the ``DelayedSubmission`` that returns in place of the job's pickle, runs
 ``scontrol requeue <job>`` and exits. It ignores SIGTERM (only logs it). The requeued task starts the
-pickled callable again, in a new process. A time limit counts against ``max_num_timeout``; a preemption
-does not.
+pickled callable again, in a new process. A signal counts against ``max_num_timeout`` when the job has run
+for at least min(80% of its time limit, the limit less 10 minutes), i.e. always under a 50-minute limit;
+otherwise it is taken for a preemption and does not count.
 
 Why a child process rather than calling the runner in the job's process: the runner already turns
 SIGUSR2 and SIGTERM into a checkpoint at the next iteration boundary (``RunStopped``, exit 140/143) and
 resumes from it, and it needs its own handlers for that, which submitit's would replace in one process.
 With a child, ``checkpoint()`` forwards SIGUSR2 to it, waits until it has checkpointed and exited, and
 returns a fresh ``SweepJob`` (no process inside) to requeue; the requeued job runs the same command, which
-resumes the run. Slurm also signals the child directly (the signal goes to every process of the step); a
-second SIGUSR2 is harmless: the runner stops once. A child that stops on its own (SIGTERM of a
+resumes the run. Slurm's ``--signal`` (and ``scancel --signal``) goes to the processes of the job step, so
+the child usually has it already: the forwarded copy covers a cluster that signals only the step's first
+process, and a repeat is harmless (the runner stops once). A child that stops on its own (SIGTERM of a
 preemption or cancellation, without the warning) ends the job as failed with "resumable" in its message:
 run the sweep again to resubmit it. The child inherits the job's stdout and stderr, so its messages are in
 the job's log; its last stderr lines also go into the job's error, which ``bench sweep --status`` shows.

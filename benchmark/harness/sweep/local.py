@@ -93,6 +93,7 @@ class LocalPool:
         self._running: dict[int, subprocess.Popen] = {}
         self._stop_signal: int | None = None
         self._timed_out = False
+        self._error: BaseException | None = None
 
     def _env(self, device: str) -> dict[str, str]:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -118,6 +119,8 @@ class LocalPool:
             self._drain(workers)
         finally:
             self._restore_handlers(previous)
+        if self._error is not None:
+            raise self._error
         if self._stop_signal is not None:
             name = signal.Signals(self._stop_signal).name
             raise RunStopped(f"the sweep was stopped by {name}: its running runs checkpointed; run the same "
@@ -134,6 +137,10 @@ class LocalPool:
             try:
                 kind, payload = self._events.get(timeout=0.2)
             except queue.Empty:
+                continue
+            if kind == "error":
+                self._error = self._error or payload
+                self._on_signal(signal.SIGTERM, None)  # stop the other runs cleanly, then raise it
                 continue
             if kind == "start":
                 run, pid = payload
@@ -166,6 +173,12 @@ class LocalPool:
 
     # -- worker threads ---------------------------------------------------------------------------------------
     def _work(self, device: str) -> None:
+        try:
+            self._work_loop(device)
+        except BaseException as exc:  # e.g. a log that cannot be opened: the main thread raises it
+            self._events.put(("error", exc))
+
+    def _work_loop(self, device: str) -> None:
         while True:
             try:
                 run = self._todo.get_nowait()
