@@ -69,33 +69,33 @@ def test_local_sweep_runs_in_parallel_skips_when_rerun_and_adds_a_changed_grids_
     out = tmp_path / "sweep"
     sweep = ["sweep", "--learner", "fomaml", *TINY, "--iterations", "4", "--log-every", "2", "--val-every", "2",
              "--data-dir", str(omniglot_dir), "--out", str(out), "--workers", "2"]
-    assert main([*sweep, "--seed", "0..2"]) == 0
+    assert main([*sweep, "--seed", "0..1"]) == 0
     captured = capsys.readouterr()
-    line = r"^\[\d/3\] fomaml 5w1s seed \d .*: \d+\.\d\d ± \d+\.\d\d % over 6 test episodes"
-    assert len(re.findall(line, captured.out, re.M)) == 3
+    line = r"^\[\d/2\] fomaml 5w1s seed \d .*: \d+\.\d\d ± \d+\.\d\d % over 6 test episodes"
+    assert len(re.findall(line, captured.out, re.M)) == 2
     assert f"table: bench table {out}" in captured.out and "2 worker(s)" in captured.err
     runs = sorted(p for p in out.iterdir() if (p / "summary.json").is_file())
-    assert len(runs) == 3 and all((out / "logs" / f"{run.name}.log").is_file() for run in runs)
+    assert len(runs) == 2 and all((out / "logs" / f"{run.name}.log").is_file() for run in runs)
     record = json.loads((out / "sweep.json").read_text())
     assert sorted(record["runs"]) == [run.name for run in runs]
     assert all(entry["job"]["exit_code"] == 0 and entry["metabench_version"] for entry in record["runs"].values())
     summaries = {run.name: (run / "summary.json").read_text() for run in runs}
 
-    assert main([*sweep, "--seed", "0..2"]) == 0  # the same sweep again: nothing runs
+    assert main([*sweep, "--seed", "0..1"]) == 0  # the same sweep again: nothing runs
     captured = capsys.readouterr()
-    assert "3 runs, 3 finished already, 0 new" in captured.err and "[1/" not in captured.out
+    assert "2 runs, 2 finished already, 0 new" in captured.err and "[1/" not in captured.out
 
-    assert main([*sweep, "--seed", "0..3", "--table"]) == 0  # a changed grid adds its run, keeps the others
+    assert main([*sweep, "--seed", "0..2", "--table"]) == 0  # a changed grid adds its run, keeps the others
     captured = capsys.readouterr()
-    assert "4 runs, 3 finished already, 1 new" in captured.err
-    assert re.search(r"^\[1/1\] fomaml 5w1s seed 3 ", captured.out, re.M)
-    assert "| fomaml " in captured.out and "(4 seeds)" in (out / "table.md").read_text()
+    assert "3 runs, 2 finished already, 1 new" in captured.err
+    assert re.search(r"^\[1/1\] fomaml 5w1s seed 2 ", captured.out, re.M)
+    assert "| fomaml " in captured.out and "(3 seeds)" in (out / "table.md").read_text()
     assert {run.name: (run / "summary.json").read_text() for run in runs} == summaries
     record = json.loads((out / "sweep.json").read_text())
-    assert len(record["runs"]) == 4 and [len(s["new"]) for s in record["sweeps"]] == [3, 0, 1]
+    assert len(record["runs"]) == 3 and [len(s["new"]) for s in record["sweeps"]] == [2, 0, 1]
 
     assert main(["sweep", "--status", "--out", str(out)]) == 0
-    assert "4 runs: 4 finished, 0 running, 0 queued, 0 stopped, 0 failed" in capsys.readouterr().out
+    assert "3 runs: 3 finished, 0 running, 0 queued, 0 stopped, 0 failed" in capsys.readouterr().out
 
 
 def test_stops_of_a_sweep_and_its_run_then_resume_equal_an_unbroken_run(tmp_path, omniglot_dir, capsys, monkeypatch):
@@ -105,7 +105,7 @@ def test_stops_of_a_sweep_and_its_run_then_resume_equal_an_unbroken_run(tmp_path
     uninterrupted run's."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the in-process sweep's runs use one thread, as the reference
     out = tmp_path / "sweep"
-    settings = ["--iterations", "100", "--log-every", "5", "--val-every", "1000", "--checkpoint-every", "1000"]
+    settings = ["--iterations", "60", "--log-every", "5", "--val-every", "1000", "--checkpoint-every", "1000"]
     sweep = ["sweep", "--learner", "fomaml", *TINY, *settings, "--data-dir", str(omniglot_dir), "--out", str(out)]
     popen = lambda args: subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # noqa: E731
     reference = popen(_bench("run", "--learner", "fomaml", *TINY, *settings, "-q", "--data-dir", str(omniglot_dir),
@@ -129,9 +129,9 @@ def test_stops_of_a_sweep_and_its_run_then_resume_equal_an_unbroken_run(tmp_path
     assert "the sweep was stopped by SIGTERM" in err and "run the same bench sweep again" in err
     progress = _progress(run())
     stopped_at = progress["iteration"]
-    assert progress["phase"] == "stopped" and "SIGTERM" in progress["reason"] and 10 <= stopped_at < 100
+    assert progress["phase"] == "stopped" and "SIGTERM" in progress["reason"] and 10 <= stopped_at < 60
     assert main(["sweep", "--status", "--out", str(out)]) == 0
-    assert f"stopped by SIGTERM (exit 143) at iteration {stopped_at}/100; resumable" in capsys.readouterr().out
+    assert f"stopped by SIGTERM (exit 143) at iteration {stopped_at}/60; resumable" in capsys.readouterr().out
 
     limit_s = 15
     timed = popen(_bench(*command, "--time-limit", f"{limit_s}s"))
@@ -143,7 +143,7 @@ def test_stops_of_a_sweep_and_its_run_then_resume_equal_an_unbroken_run(tmp_path
     _, err = timed.communicate(timeout=120)
     assert timed.returncode == 3 and "time limit reached at iteration" in err, err
     paused_at = _progress(run())["iteration"]
-    assert stopped_at <= paused_at < 100
+    assert stopped_at <= paused_at < 60
 
     assert main(sweep) == 0
     assert "1 runs, 0 finished already" in capsys.readouterr().err
