@@ -79,14 +79,18 @@ def describe_exit(code: int) -> tuple[str, str]:
 
 def sweep_status(out: Path, *, slurm_states: Callable[[list[str]], Mapping[str, str]] | None = None,
                  names: list[str] | None = None) -> list[RunStatus]:
-    """The status of every run recorded in ``out``'s sweep record (or of ``names``), in record order.
+    """The status of every run recorded in ``out``'s sweep record (or of ``names``), in the order the sweeps
+    planned them (grid order, the first sweep's runs first).
 
     Args:
         slurm_states: job id -> Slurm state for the given ids (default: ``sacct``); ids it does not know
             are reported as unknown.
     """
     record = read_record(out)
-    entries = {name: e for name, e in record["runs"].items() if names is None or name in names}
+    order = list(dict.fromkeys([name for sweep in record.get("sweeps", []) for name in sweep.get("runs", [])]
+                               + list(record["runs"])))  # the record's JSON keeps its keys sorted
+    entries = {name: record["runs"][name] for name in order
+               if name in record["runs"] and (names is None or name in names)}
     slurm_ids = [e["job"]["job_id"] for e in entries.values() if e.get("job", {}).get("executor") == "slurm"]
     states: Mapping[str, str] = {}
     if slurm_ids:
