@@ -6,6 +6,10 @@ Every message names the problem and the fix; nothing else in the code base print
 from __future__ import annotations
 
 
+#: Exit code of a run stopped by its time limit: it finished nothing and resumes (distinct from errors).
+EXIT_PAUSED = 3
+
+
 class BenchError(Exception):
     """A user-facing error: bad input, missing data, an unusable output directory."""
 

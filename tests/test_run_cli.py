@@ -42,8 +42,12 @@ def test_each_first_party_learner_runs_end_to_end(learner, tmp_path, omniglot_di
     assert bench_run(tmp_path, omniglot_dir, learner) == 0
     run = only_run_dir(tmp_path)
     assert run.name.startswith(f"{learner}-5w1s-vinyals-seed0-")
+    by_step = {"steps.csv"} if learner in ("maml", "fomaml") else set()  # learners that adapt by steps
     assert {p.name for p in run.iterdir()} == {
-        "config.json", "train_log.csv", "episodes.csv", "summary.json", "checkpoint.pt", "manifest.json", ".lock"}
+        "config.json", "train_log.csv", "episodes.csv", "summary.json", "checkpoint.pt", "manifest.json", "progress.json",
+        ".lock"} | by_step
+    progress = json.loads((run / "progress.json").read_text())
+    assert progress["phase"] == "done" and progress["iteration"] == progress["total"] == 4
     config = json.loads((run / "config.json").read_text())
     for key in ("run", "describe", "implementation", "plugin", "protocol", "manifest_hash", "torch_version",
                 "device_name", "metabench_version", "git_commit", "command"):

@@ -23,6 +23,7 @@ SUBCOMMANDS = {
     "table": ("benchmark.cli.table", "table", "Summarize runs as a table with 95% confidence intervals."),
     "perf": ("benchmark.cli.perf", "perf", "Time a learner's meta-training step against the per-task loop."),
     "reproduce": ("benchmark.cli.reproduce", "reproduce", "Reproduce a paper's table in the harness."),
+    "sweep": ("benchmark.cli.sweep", "sweep", "Run a grid of runs here or on a Slurm cluster; --status says how far."),
 }
 
 

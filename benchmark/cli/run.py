@@ -31,11 +31,13 @@ from benchmark.cli.options import (
 @click.option("--preset", type=str, default=None, help="A paper's protocol for this cell (see `bench reproduce --list`).")
 @click.option("--force", is_flag=True, help="Redo a run that already finished (its directory is replaced).")
 @time_limit_option
+@click.option("--wait-for-lock", type=float, default=0.0, metavar="SECONDS", show_default=True,
+              help="When another bench process works on the same run, wait this long for it before refusing.")
 @quiet_option
 @plugin_option
 def run(learner_name: str, way: int, shot: int, seeds: tuple[int, ...], device: str, data_dir: str | None, out: Path,
         name: str | None, overrides: tuple[str, ...], preset: str | None, force: bool, time_limit: str | None,
-        quiet: bool, plugin_files: tuple[str, ...], **settings) -> None:
+        wait_for_lock: float, quiet: bool, plugin_files: tuple[str, ...], **settings) -> None:
     """Train a learner and evaluate it on the fixed test episodes.
 
     \b
@@ -63,5 +65,6 @@ def run(learner_name: str, way: int, shot: int, seeds: tuple[int, ...], device: 
     )
     plans, session = plan_runs(request)
     console = stdout_console()
-    for plan, outcome in execute_plans(plans, session, force=force, progress=progress_factory(quiet), time_limit=limit):
+    for plan, outcome in execute_plans(plans, session, force=force, progress=progress_factory(quiet), time_limit=limit,
+                                       wait_for_lock=max(wait_for_lock, 0.0)):
         console.print(outcome_line(plan, outcome), markup=False)

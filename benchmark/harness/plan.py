@@ -141,6 +141,18 @@ def plan_runs(request: RunRequest, *, registry: Any = None) -> tuple[list[RunPla
     from benchmark.harness.plugins import load_registry
 
     registry = registry if registry is not None else load_registry(request.plugin_files)
+    plans = resolve_plans(request, registry)
+    session = open_session(request.device, request.data_dir, plans[0].settings, registry)
+    return plans, session
+
+
+def resolve_plans(request: RunRequest, registry: Any) -> list[RunPlan]:
+    """The request's plans (one per seed) with their run directories, without a device or the data: what a
+    sweep needs to name and check hundreds of runs before it starts any (``plan_runs`` adds the session).
+
+    Raises:
+        BenchError: an unknown learner or preset, a bad setting or config value, a bad ``--name``.
+    """
     learner_cls = registry.get(request.learner)
     way, shot = request.settings.get("way", RunSettings.way), request.settings.get("shot", RunSettings.shot)
     preset_settings: Mapping[str, Any] = {}
@@ -156,33 +168,46 @@ def plan_runs(request: RunRequest, *, registry: Any = None) -> tuple[list[RunPla
                             request.preset)
     reduced = paper_iterations is not None and settings.iterations < paper_iterations
     _check_name(request)
-    session = open_session(request.device, request.data_dir, settings, registry)
     provenance = registry.provenance(request.learner)
     plans = []
     for seed in request.seeds or (0,):
         plan = RunPlan(request.learner, learner_cls, config, settings, seed, Path(), request.preset, reduced, notes,
                        provenance, request.command)
         plans.append(dataclasses.replace(plan, run_dir=Path(request.out) / (request.name or plan.dirname)))
-    return plans, session
+    return plans
 
 
 def open_session(device_name: str, data_dir: str | None, settings: RunSettings, registry: Any) -> Session:
     """Resolve the device, load the data onto it and check the episode shapes against every split."""
     from benchmark.harness.data import load_omniglot
-    from benchmark.harness.protocol import EpisodeSpec, get_protocol, load_pools
+    from benchmark.harness.protocol import get_protocol, load_pools
     from benchmark.harness.runtime import resolve_device
 
     protocol = get_protocol(settings.protocol)
-    test_spec = EpisodeSpec(settings.way, settings.shot, settings.query)
-    train_spec = EpisodeSpec(*settings.train_shape)
-    test_spec.validate()
-    train_spec.validate()
+    check_shapes(settings)
     device = resolve_device(device_name)
     pools = load_pools(load_omniglot(data_dir), protocol, device)
-    train_spec.validate(pools.train.num_classes, "train")
-    for split in ("val", "test"):
-        test_spec.validate(getattr(pools, split).num_classes, split)
+    check_shapes(settings, {split: getattr(pools, split).num_classes for split in ("train", "val", "test")})
     return Session(device, pools, registry)
+
+
+def check_shapes(settings: RunSettings, num_classes: Mapping[str, int] | None = None) -> None:
+    """Check the training and test episode shapes, and, given the classes per split, that each split can
+    serve them (training episodes come from ``train``, validation and test episodes from ``val``/``test``).
+
+    Raises:
+        ProtocolError: an episode that cannot be drawn, naming the limit.
+    """
+    from benchmark.harness.protocol import EpisodeSpec
+
+    test_spec, train_spec = EpisodeSpec(settings.way, settings.shot, settings.query), EpisodeSpec(*settings.train_shape)
+    if num_classes is None:
+        test_spec.validate()
+        train_spec.validate()
+        return
+    train_spec.validate(num_classes["train"], "train")
+    for split in ("val", "test"):
+        test_spec.validate(num_classes[split], split)
 
 
 def _check_name(request: RunRequest) -> None:

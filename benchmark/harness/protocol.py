@@ -67,6 +67,10 @@ class Protocol:
             )
         return raw.decode().split()
 
+    def num_classes(self, split: str) -> int:
+        """Classes of one split (characters x rotations), known without loading the data."""
+        return len(self.characters(split)) * len(self.rotations)
+
     @cached_property
     def split_hash(self) -> str:
         """sha256 over the protocol's three split files (their shipped hashes)."""

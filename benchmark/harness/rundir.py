@@ -11,6 +11,9 @@ Layout of ``<out>/<learner>-<N>w<K>s-<protocol>-seed<S>-<confighash>/``:
 ``steps.csv``      for learners that adapt by gradient steps: ``episode,step,accuracy`` after each step
 ``summary.json``   mean, 95% CI, n, times, memory, selection; written last: its presence means finished
 ``checkpoint.pt``  the learner's state and every random stream, for resuming
+``progress.json``  where the run stands (phase, iteration of total, seconds per iteration, host, pid, time),
+                   rewritten at the start, every log row, the evaluation and the end: what
+                   ``bench sweep --status`` reads from another process or machine
 ``best-<i>.pt``    with ``--select best-val``: the learner's states at its ``ensemble`` best validation
                    accuracies (one file unless ``--ensemble`` asks for more)
 ``.lock``          locked (``filelock``) by the process that works on the run; ``--force`` empties the
@@ -37,9 +40,9 @@ from typing import Any, Iterable, Mapping
 from benchmark.errors import BenchError
 from benchmark.harness.atomic import atomic_write_bytes, atomic_write_csv, atomic_write_json, remove_temporaries
 
-CONFIG, MANIFEST, TRAIN_LOG, EPISODES, STEPS, SUMMARY, CHECKPOINT, LOCK = (
+CONFIG, MANIFEST, TRAIN_LOG, EPISODES, STEPS, SUMMARY, CHECKPOINT, PROGRESS, LOCK = (
     "config.json", "manifest.json", "train_log.csv", "episodes.csv", "steps.csv", "summary.json", "checkpoint.pt",
-    ".lock",
+    "progress.json", ".lock",
 )
 
 
@@ -125,6 +128,18 @@ class RunDirectory:
         atomic_write_csv(self / STEPS, ["episode", "step", "accuracy"],
                          ((e, s, f"{a:.6f}") for s, row in enumerate(by_step) for e, a in enumerate(row)))
 
+    def write_progress(self, record: Mapping[str, Any]) -> None:
+        """``progress.json``: where the run stands, for readers in other processes (``bench sweep --status``)."""
+        atomic_write_json(self / PROGRESS, json_safe(record))
+
+    def read_progress(self) -> dict[str, Any] | None:
+        """``progress.json``, or None when there is none or it cannot be read (it is advisory only)."""
+        try:
+            value = json.loads((self / PROGRESS).read_text())
+        except (OSError, ValueError, UnicodeDecodeError):
+            return None
+        return value if isinstance(value, dict) else None
+
     def save_state(self, name: str, state: Any) -> None:
         """A checkpoint (``CHECKPOINT`` or a ``best_file``) via ``torch.save``, atomically."""
         import torch
@@ -164,6 +179,26 @@ class RunDirectory:
             BenchError: another process holds it (after ``wait`` seconds).
         """
         return RunLock(self.path, self.lock_path, wait)
+
+    def lock_held(self) -> bool:
+        """Whether some process holds the run's lock now (it is working on the run). Creates nothing: the
+        probe takes a shared lock for an instant, so a process starting on the run at that very moment may
+        have to wait for it (``wait_for_lock``)."""
+        import fcntl
+
+        try:
+            fd = os.open(self.lock_path, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        else:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return False
+        finally:
+            os.close(fd)
 
 
 class RunLock:

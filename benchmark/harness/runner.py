@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from benchmark.errors import BenchError, PluginError, RunStopped
+from benchmark.errors import EXIT_PAUSED, BenchError, PluginError, RunStopped
 from benchmark.harness import rundir as R
 from benchmark.harness.plan import RunPlan, Session
 from benchmark.harness.protocol import ClassPool, EpisodeSpec, Manifest, draw, make_sampler
@@ -28,8 +28,6 @@ from benchmark.learner import AdaptationSteps, Episodes, Learner, Minibatches, R
 
 #: Validation episodes are drawn with this seed, whatever the training seed, so curves are comparable.
 VALIDATION_SEED = 0
-#: Exit code of a run stopped by its time limit: finished nothing, resumable (distinct from errors).
-EXIT_PAUSED = 3
 #: A run on the CPU that will take longer than this gets a note on how long and how to shorten it.
 LONG_RUN_SECONDS = 600
 
@@ -161,7 +159,7 @@ class Runner:
                  environment: dict[str, Any] | None = None) -> None:
         self.plan, self.session, self._learner = plan, session, learner
         self.dir = R.RunDirectory(plan.run_dir)
-        self.progress = progress or (lambda event: None)
+        self.progress = _ProgressRecorder(self.dir, progress or (lambda event: None))
         self.time_limit = time_limit
         self._environment = environment
         self._started = time.monotonic()
@@ -272,10 +270,12 @@ class Runner:
             self._train(learner, phases, samplers, val_manifest, train, stop)
             if stop.reason is not None:
                 self._checkpoint(learner, samplers, train)
+                self.progress({"event": "stopped", "iteration": train.iteration, "reason": stop.reason})
                 raise RunStopped(
                     f"{stop.reason} at iteration {train.iteration} of {plan.settings.iterations}: checkpointed in "
                     f"{self.dir.path}; run the same command again to resume", stop.exit_code)
             t0 = time.perf_counter()
+            self.progress({"event": "evaluate", "iteration": train.iteration, "total": plan.settings.iterations})
             stop.immediate = True  # evaluation has no boundary to stop at: a signal ends it at once
             try:
                 accuracies, selected = self._select_and_evaluate(learner, train, test_manifest)
@@ -479,6 +479,39 @@ class Runner:
         }
 
 
+class _ProgressRecorder:
+    """Pass the runner's events on, and keep ``progress.json`` up to date at the events that say where the
+    run stands (start, every log row, evaluation, a stop with its checkpoint, done), so that another process
+    can tell how far it got and when it will end. Per-step events write nothing: a log row is the natural
+    interval."""
+
+    def __init__(self, run_dir: R.RunDirectory, forward: Callable[[dict[str, Any]], None]) -> None:
+        import os
+        import socket
+
+        self.dir, self.forward = run_dir, forward
+        self.record: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid(), "seconds_per_iteration": None}
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        self.forward(event)
+        kind = event["event"]
+        if kind == "start":
+            self.record.update(phase="training", iteration=event["iteration"], total=event["total"])
+        elif kind == "log":
+            self.record.update(iteration=event["row"]["iteration"],
+                               seconds_per_iteration=event["row"].get("seconds_per_iteration"))
+        elif kind == "evaluate":
+            self.record.update(phase="evaluating", iteration=event["iteration"])
+        elif kind == "stopped":
+            self.record.update(phase="stopped", iteration=event["iteration"], reason=event["reason"])
+        elif kind == "done":
+            self.record.update(phase="done")
+        else:
+            return
+        self.record["updated"] = time.time()
+        self.dir.write_progress(self.record)
+
+
 class _StopOnSignal:
     """Turn Ctrl-C, SIGTERM and SIGUSR2 into a request that training honours between iterations, so the
     checkpoint is always of a whole iteration; a second Ctrl-C interrupts at once. SIGTERM and SIGUSR2 are
@@ -501,8 +534,12 @@ class _StopOnSignal:
     def _handle(self, signum, frame) -> None:
         if self.reason is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        first = self.reason is None
         self.request(self.SIGNALS[signum], 128 + signum)
-        if self.immediate:
+        # Only the first stop interrupts the evaluation: under Slurm the same SIGUSR2/SIGTERM reaches every
+        # process of the job step and is forwarded by the sweep's job as well, and a repeat must not break
+        # the clean stop that the first one started.
+        if self.immediate and first:
             raise _Interrupted(self.SIGNALS[signum], 128 + signum)
 
     def __enter__(self) -> _StopOnSignal:
