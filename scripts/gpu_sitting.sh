@@ -19,6 +19,11 @@
 #                  summary always runs. Give the `run` call a timeout_s of BUDGET_S + 60.
 #   INSTALL        1 on cuda, 0 on cpu: install offline (carried .whl/*.whl, then this checkout with
 #                  `pip install --no-index --no-deps --no-build-isolation -e .`).
+#   CELLS          paper cells instead of the checks (issue 16 part B), e.g. "finn2017:maml:5w1s finn2017:maml:20w1s":
+#                  each `bench reproduce PAPER --learner L --cells C` runs (several at once with PARALLEL=N)
+#                  under --time-limit, so it stops cleanly (checkpointed) before the budget; the next sitting
+#                  resumes it. Carry results/ so the cells continue; results.tar.gz (results/<paper>, run
+#                  directories with their checkpoints, table.md) comes back: untar it and commit it.
 #   BENCH_DATA_DIR data/omniglot (carried: the two zips).  BENCH_CACHE_DIR /tmp/bench-cache (so
 #                  platformdirs is not needed).  BENCH_TEST_OMNIGLOT defaults to BENCH_DATA_DIR, so the
 #                  real-data GPU test does not skip.
@@ -170,6 +175,27 @@ PYEOF
 
 step "bench data (verify, decode into BENCH_CACHE_DIR)" 120 "${BENCH[@]}" data --no-download
 [ "$STEP_RC" = 0 ] || die "bench data failed: the perf runs need the data"
+
+if [ -n "${CELLS:-}" ]; then  # part B: paper cells in time-limited pieces, then back with the run directories
+  left=$((BUDGET_S - SECONDS - RESERVE_S - 30))
+  echo "== paper cells: $CELLS (time limit ${left} s each, ${PARALLEL:-1} at once)"
+  papers=()
+  for cell in $CELLS; do
+    IFS=: read -r paper learner cellname <<< "$cell"
+    papers+=("$paper")
+    "${BENCH[@]}" reproduce "$paper" --learner "$learner" --cells "$cellname" --device "$DEVICE" -q \
+      --time-limit "${left}s" > "$WORK/cell-$paper-$learner-$cellname.log" 2>&1 &
+    while [ "$(jobs -rp | wc -l)" -ge "${PARALLEL:-1}" ]; do wait -n; done
+  done
+  wait
+  for log in "$WORK"/cell-*.log; do echo "-- $(basename "$log")"; tail -n 3 "$log"; done
+  for paper in $(printf '%s\n' "${papers[@]}" | sort -u); do
+    "${BENCH[@]}" reproduce "$paper" --table-only > /dev/null 2>&1 && cat "results/$paper/table.md"
+  done
+  tar -czf "$OUT/results.tar.gz" $(printf 'results/%s ' $(printf '%s\n' "${papers[@]}" | sort -u)) \
+    && echo "   results.tar.gz: $(du -h "$OUT/results.tar.gz" | cut -f1)"
+  exit 0
+fi
 
 PYTEST_TIMEOUT=()
 "$PY" -c 'import pytest_timeout' 2>/dev/null && PYTEST_TIMEOUT=(--timeout 120)  # one hung test cannot take the rest
