@@ -164,9 +164,17 @@ def check_learner(
         for i in range(steps)
     ]
     test = fake_episode_batch(way, shot, query, tasks, seed=2000, device=device)
-    inputs = (test.support_x, test.support_y, test.query_x)
 
     learner, metrics = _train(learner_cls, config, context, train_batches)
+    logits = _check_predict(learner, test, device)
+    _check_same_seed_same_results(learner_cls, config, context, train_batches, metrics, logits, test, exact)
+    _check_state_dict(learner_cls, config, context, learner, train_batches, metrics, logits, test, exact)
+    return {"metrics": metrics, "logits_shape": tuple(logits.shape)}
+
+
+def _check_predict(learner: Learner, test: EpisodeBatch, device: torch.device) -> torch.Tensor:
+    """predict's logits are well-formed, and it changes neither the learner (parameters, buffers) nor its inputs."""
+    inputs = (test.support_x, test.support_y, test.query_x)
     params_before = state_tensors(learner.state_dict())
     buffers_before = module_buffers(learner)
     inputs_before = [x.clone() for x in inputs]
@@ -180,24 +188,31 @@ def check_learner(
     )
     for name, before, after in zip(("support_x", "support_y", "query_x"), inputs_before, inputs):
         assert torch.equal(before, after), f"predict modified its input {name} in place; work on a copy"
+    return logits
 
+
+def _check_same_seed_same_results(learner_cls: type, config: Any, context: RunContext, train_batches: list,
+                                  metrics: list[dict], logits: torch.Tensor, test: EpisodeBatch, exact: bool) -> None:
     twin, twin_metrics = _train(learner_cls, config, context, train_batches)
     for step, (a, b) in enumerate(zip(metrics, twin_metrics)):
         _assert_close(a, b, exact, f"meta_train_step {step} metrics differ between two runs with the same seed")
     _assert_close(
-        logits, twin.predict(*inputs), exact,
+        logits, twin.predict(test.support_x, test.support_y, test.query_x), exact,
         "predict gives different logits for two learners trained with the same seed",
     )
 
-    state = _round_trip(learner.state_dict())
+
+def _check_state_dict(learner_cls: type, config: Any, context: RunContext, learner: Learner, train_batches: list,
+                      metrics: list[dict], logits: torch.Tensor, test: EpisodeBatch, exact: bool) -> None:
+    """A fresh learner that loads the state predicts the same; one restored after step 1 trains on exactly."""
+    inputs = (test.support_x, test.support_y, test.query_x)
     fresh = learner_cls(config, context)
-    fresh.load_state_dict(state)
+    fresh.load_state_dict(_round_trip(learner.state_dict()))
     _assert_close(
         logits, fresh.predict(*inputs), exact,
         "a fresh learner that loaded state_dict() predicts different logits; state_dict must hold everything "
         "predict depends on",
     )
-
     # Resume: a learner restored after the first step must continue exactly like the one that never stopped
     # (this catches optimizer or RNG state missing from state_dict).
     first, _ = _train(learner_cls, config, context, train_batches[:1])
@@ -212,7 +227,6 @@ def check_learner(
         "a learner restored from state_dict() after step 1 and trained on predicts different logits "
         "than one trained without interruption; state_dict must hold all training state (e.g. optimizer moments)",
     )
-    return {"metrics": metrics, "logits_shape": tuple(logits.shape)}
 
 
 def _check_class(learner_cls: Any) -> None:
