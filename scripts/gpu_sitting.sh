@@ -154,6 +154,10 @@ if os.environ.get("BENCH_CACHE_DIR"):
     OPTIONAL["platformdirs"] = "the default cache folder, and BENCH_CACHE_DIR is set"
 missing = []
 for spec in deps + ["pytest>=7"]:
+    if Requirement and Requirement(spec).marker and not Requirement(spec).marker.evaluate():
+        continue  # e.g. tomli, only for Python < 3.11
+    if not Requirement and ";" in spec:
+        continue  # without `packaging` the environment marker cannot be read: such deps are backports
     name = Requirement(spec).name if Requirement else spec.split(">")[0].split("=")[0].split("<")[0].strip()
     try:
         importlib.import_module(MODULE.get(name.lower(), name.lower()))
