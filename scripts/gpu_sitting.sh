@@ -183,15 +183,19 @@ step "bench data (verify, decode into BENCH_CACHE_DIR)" 120 "${BENCH[@]}" data -
 if [ -n "${CELLS:-}" ]; then  # part B: paper cells in time-limited pieces, then back with the run directories
   left=$((BUDGET_S - SECONDS - RESERVE_S - 30))
   echo "== paper cells: $CELLS (time limit ${left} s each, ${PARALLEL:-1} at once)"
-  papers=()
+  papers=() pids=()
   for cell in $CELLS; do
     IFS=: read -r paper learner cellname <<< "$cell"
     papers+=("$paper")
     "${BENCH[@]}" reproduce "$paper" --learner "$learner" --cells "$cellname" --device "$DEVICE" -q \
       --time-limit "${left}s" > "$WORK/cell-$paper-$learner-$cellname.log" 2>&1 &
-    while [ "$(jobs -rp | wc -l)" -ge "${PARALLEL:-1}" ]; do wait -n; done
+    pids+=($!)
+    # At most PARALLEL at once. Wait only for our own cells: a bare `wait` would also wait for the log's tee.
+    while [ "$(for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && echo; done | wc -l)" -ge "${PARALLEL:-1}" ]; do
+      sleep 1
+    done
   done
-  wait
+  for pid in "${pids[@]}"; do wait "$pid"; done
   for log in "$WORK"/cell-*.log; do echo "-- $(basename "$log")"; tail -n 3 "$log"; done
   for paper in $(printf '%s\n' "${papers[@]}" | sort -u); do
     "${BENCH[@]}" reproduce "$paper" --table-only > /dev/null 2>&1 && cat "results/$paper/table.md"

@@ -131,10 +131,15 @@ def _row(paper: Paper, learner: str, way: int, shot: int, runs: list[tuple[Path,
 
 
 def _progress(runs: list[tuple[Path, dict, Any]]) -> str:
-    """How far the furthest unfinished run got, from its train_log.csv (no torch needed)."""
+    """How far the furthest unfinished run got (its progress.json, else its train_log.csv; no torch needed)."""
+    from benchmark.harness.rundir import RunDirectory
+
     best = None
     for run_dir, config, _ in runs:
-        done = _last_logged_iteration(run_dir / "train_log.csv")
+        progress = RunDirectory(run_dir).read_progress() or {}
+        done = progress.get("iteration")
+        if not isinstance(done, int):
+            done = _last_logged_iteration(run_dir / "train_log.csv")
         total = config["run"].get("iterations")
         if done is not None and (best is None or done > best[0]):
             best = (done, total)
