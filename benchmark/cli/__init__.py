@@ -23,6 +23,7 @@ SUBCOMMANDS = {
     "table": ("benchmark.cli.table", "table", "Summarize runs as a table with 95% confidence intervals."),
     "perf": ("benchmark.cli.perf", "perf", "Time a learner's meta-training step against the per-task loop."),
     "reproduce": ("benchmark.cli.reproduce", "reproduce", "Reproduce a paper's table in the harness."),
+    "plot": ("benchmark.cli.plot", "plot", "Draw figures for a paper (PDF, PNG and their numbers as CSV)."),
 }
 
 
@@ -54,6 +55,7 @@ def cli() -> None:
     bench learners                   the learners that plugins provide
     bench run --learner maml --way 20 --shot 1
     bench table results/ --reference maml
+    bench plot all results/ --reference maml
     """
 
 
