@@ -24,6 +24,7 @@ SUBCOMMANDS = {
     "perf": ("benchmark.cli.perf", "perf", "Time a learner's meta-training step against the per-task loop."),
     "reproduce": ("benchmark.cli.reproduce", "reproduce", "Reproduce a paper's table in the harness."),
     "plot": ("benchmark.cli.plot", "plot", "Draw figures for a paper (PDF, PNG and their numbers as CSV)."),
+    "report": ("benchmark.cli.report", "report", "Write one self-contained HTML page: tables, figures, provenance."),
 }
 
 
@@ -56,6 +57,7 @@ def cli() -> None:
     bench run --learner maml --way 20 --shot 1
     bench table results/ --reference maml
     bench plot all results/ --reference maml
+    bench report results/ --reference maml
     """
 
 
