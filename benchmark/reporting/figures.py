@@ -28,6 +28,8 @@ from benchmark.reporting.style import Palette, PaperSize
 from benchmark.reporting.tables import Table, Warn, build_table, cell_name, csv_frame
 
 GREY = "#666666"
+#: The glyph of each marker shape, to name the devices in a line of text (DejaVu Sans has them all).
+MARKER_GLYPHS = {"o": "●", "s": "■", "^": "▲", "D": "◆"}
 
 
 @dataclass
@@ -102,20 +104,20 @@ def learning_curves(curves: pd.DataFrame, palette: Palette, size: PaperSize) -> 
                 ax.set_xlabel("meta-training iteration")
             for ax in axes[2:]:
                 ax.set_xlabel(f"training time ({unit})")
+            seeds = data.groupby("row")["seeds"].max()
             handles, labels = _row_handles(rows, palette, marker=False)
+            labels = [f"{row} ({seeds[row]} seeds)" if seeds[row] > 1 else row for row in labels]
             handles += [Line2D([], [], color=GREY, linestyle="-"), Line2D([], [], color=GREY, linestyle="--", marker="o")]
             labels += ["training", "validation"]
             style.legend_on_top(fig, handles, labels, size)
-            seeds = sorted(set(data["seeds"]))
-            band = (f"; shaded: range over {'/'.join(map(str, seeds))} seeds, line: their mean"
-                    if max(seeds) > 1 else "")
+            band = "; several seeds: line = their mean, shaded = lowest to highest seed" if seeds.max() > 1 else ""
             _note(fig, f"{cell_name(way, shot)}. Training metrics are each learner's own (its loss and batch "
                        f"accuracy); validation: {way}-way episodes of the validation split; training time excludes "
                        f"validation{band}.", size)
         drawn.append(Drawn(
             f"curves-{_cell_tag(way, shot)}", f"Learning curves, {cell_name(way, shot)}",
             "Training loss and accuracy, validation accuracy, against meta-training iterations (top) and "
-            "training time (bottom, validation excluded)" + (", several seeds as mean and range" if max(seeds) > 1 else "")
+            "training time (bottom, validation excluded)" + (", several seeds as mean and range" if seeds.max() > 1 else "")
             + ".", fig, data.reset_index(drop=True), size))
     return drawn
 
@@ -172,7 +174,7 @@ def interval_chart(table: Table, palette: Palette, size: PaperSize) -> Drawn:
                 mean, low, high = (100 * v for v in (cell.result.mean, cell.bounds.lower, cell.bounds.upper))
                 ax.errorbar([mean], [y[row]], xerr=[[mean - low], [high - mean]], fmt=palette[row].marker,
                             color=palette[row].color, markersize=4)
-            ax.set_title(f"{cell_name(*column)}: accuracy (%)")
+            ax.set_title(cell_name(*column))
             ax.set_xlabel("test accuracy (%), 95% CI")
             if reference:
                 unpaired |= _forest(axes[c * per_cell + 1], table, column, y, palette, size)
@@ -215,7 +217,7 @@ def _forest(ax: Any, table: Table, column: tuple[int, int], y: dict[str, float],
             continue
         ax.errorbar([100 * cell.diff.mean], [pos], xerr=[[100 * cell.diff.ci]], fmt=palette[row].marker,
                     color=palette[row].color, markersize=4)
-    ax.set_title(f"{cell_name(*column)}: Δ to {table.reference}")
+    ax.set_title(f"{cell_name(*column)}, Δ to {table.reference}")
     ax.set_xlabel("difference (pp), 95% CI")
     low, high = ax.get_xlim()
     reach = max(abs(low), abs(high))
@@ -227,14 +229,12 @@ def _forest(ax: Any, table: Table, column: tuple[int, int], y: dict[str, float],
 def compute_chart(points: pd.DataFrame, palette: Palette, size: PaperSize) -> Drawn:
     """Per cell: each run's test accuracy (95% CI) against the wall time it took on its device; marker
     shape by device, colour by row; log time axis when the times span more than a factor of ten."""
-    from matplotlib.lines import Line2D
-
     cells = _cells(points)
     devices = list(dict.fromkeys(f"{n} ({d})" for n, d in zip(points["device_name"], points["device"])))
     device_marker = {d: style.MARKERS[i % len(style.MARKERS)] for i, d in enumerate(devices)}
     unit, per = style.time_unit(points["wall_time_s"].tolist())
     if points["gpu"].all():
-        xlabel = f"GPU time ({unit})"
+        xlabel = "GPU-hours" if unit == "hours" else f"GPU time ({unit})"
     elif not points["gpu"].any():
         xlabel = f"CPU wall time ({unit})"
     else:
@@ -254,15 +254,12 @@ def compute_chart(points: pd.DataFrame, palette: Palette, size: PaperSize) -> Dr
             ax.set_xlabel(xlabel)
             ax.set_ylabel("test accuracy (%), 95% CI")
         rows = sorted(points["row"].unique())
-        handles, labels = _row_handles(rows, palette, marker=False)
-        if len(devices) > 1:
-            handles += [Line2D([], [], color=GREY, linestyle="", marker=device_marker[d]) for d in devices]
-            labels += devices
-        style.legend_on_top(fig, handles, labels, size)
+        style.legend_on_top(fig, *_row_handles(rows, palette, marker=False), size)
         if len(devices) == 1:
-            _note(fig, f"One point per run; device: {devices[0]}. Time: training, validation and test evaluation.", size)
+            where = f"device: {devices[0]}"
         else:
-            _note(fig, "One point per run; marker: device. Time: training, validation and test evaluation.", size)
+            where = "marker = device: " + "; ".join(f"{MARKER_GLYPHS[device_marker[d]]} {d}" for d in devices)
+        _note(fig, f"One point per run, {where}. Time: training, validation and test evaluation.", size)
     caption = ("Test accuracy (95% CI) against the wall time of each run on its device (GPU-hours on a GPU), "
                "training, validation and evaluation included: what a point of accuracy costs.")
     return Drawn("compute", "Accuracy against compute", caption, fig, points.drop(columns="path"), size)

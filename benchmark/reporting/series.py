@@ -11,6 +11,9 @@ No matplotlib here: the numbers can be tested, and tabulated, without drawing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 import pandas as pd
 
@@ -32,6 +35,15 @@ def labelled(runs: pd.DataFrame) -> pd.DataFrame:
 
 def _quiet(message: str) -> None:
     """For repeated internal tabulations whose notes were already given once."""
+
+
+def _read_or_skip(read: Callable[[str], Any], path: str, figure: str, warn: Warn) -> Any:
+    """``read(path)``, or ``None`` with a note when the file is damaged: one bad run never hides the others."""
+    try:
+        return read(path)
+    except RunDirError as exc:
+        warn(f"skipping {path} in {figure}: {exc}")
+        return None
 
 
 # -- learning curves ----------------------------------------------------------------------------------------
@@ -76,11 +88,7 @@ def learning_curves(runs: pd.DataFrame, warn: Warn) -> pd.DataFrame:
             label = str(row) if hashes.nunique() == 1 else f"{row} [validation {str(validation)[:8]}]"
             curves = []
             for path in seeds["path"]:
-                try:
-                    curve = _seed_curve(path)
-                except RunDirError as exc:
-                    warn(f"skipping {path} in the learning curves: {exc}")
-                    continue
+                curve = _read_or_skip(_seed_curve, path, "the learning curves", warn)
                 if curve is None:
                     warn(f"skipping {path} in the learning curves: it has no train_log.csv rows")
                     continue
@@ -133,11 +141,7 @@ def adaptation_steps(runs: pd.DataFrame, warn: Warn) -> pd.DataFrame:
     runs = labelled(runs)
     arrays, keep = [], []
     for index, path in runs["path"].items():
-        try:
-            steps = read_steps(path)
-        except RunDirError as exc:
-            warn(f"skipping {path} in the adaptation-steps figure: {exc}")
-            continue
+        steps = _read_or_skip(read_steps, path, "the adaptation-steps figure", warn)
         if steps is None:
             continue
         if steps.shape[1] != len(runs.at[index, "accuracy"]) or not np.allclose(steps[-1], runs.at[index, "accuracy"]):
