@@ -15,7 +15,9 @@ def _warn(message: str) -> None:
 
 
 def _common(func):
-    """PATHS, --out, --size and --format, shared by every figure."""
+    """PATHS, --out, --size, --format and --dpi, shared by every figure."""
+    func = click.option("--dpi", type=click.IntRange(50, 1200), default=200, show_default=True,
+                        help="Resolution of the PNG (the PDF is vector graphics).")(func)
     func = click.option("--format", "formats", type=click.Choice(["pdf", "png"]), multiple=True,
                         help="File format (repeatable; default: pdf and png). The CSV is always written.")(func)
     func = figure_size_option(func)
@@ -30,7 +32,7 @@ def _reference_option(func):
                         "--reference).")(func)
 
 
-def _draw(names: list[str], paths: tuple[str, ...], out: Path, size: str, formats: tuple[str, ...],
+def _draw(names: list[str], paths: tuple[str, ...], out: Path, size: str, formats: tuple[str, ...], dpi: int,
           reference: str | None, skip_unavailable: bool = False) -> None:
     """Load the runs once, draw each figure, write its files and list them on stdout."""
     from benchmark.errors import BenchError
@@ -50,7 +52,7 @@ def _draw(names: list[str], paths: tuple[str, ...], out: Path, size: str, format
             continue
         for figure in drawn:
             try:
-                written = figure.save(out, formats or style.FORMATS)
+                written = figure.save(out, formats or style.FORMATS, dpi)
             except OSError as exc:
                 raise BenchError(f"cannot write figures to {out} ({exc.strerror or exc}); choose another --out") from None
             click.echo("wrote " + ", ".join(str(p) for p in written))
@@ -81,8 +83,8 @@ def plot() -> None:
 
 
 def _figure_command(name: str) -> click.Command:
-    def command(paths, out, size, formats, reference=None):
-        _draw([name], paths, out, size, formats, reference)
+    def command(paths, out, size, formats, dpi, reference=None):
+        _draw([name], paths, out, size, formats, dpi, reference)
 
     example = f"bench plot {name} results/" + (" --reference maml" if name == "intervals" else "") + " --out figures/"
     command = _common(command)
@@ -98,11 +100,11 @@ for _name in FIGURES:
 @plot.command("all", short_help="Every figure above (those the runs allow), into one folder.")
 @_reference_option
 @_common
-def plot_all(paths, out, size, formats, reference):
+def plot_all(paths, out, size, formats, dpi, reference):
     """Every figure the runs allow (a figure that cannot be drawn, e.g. steps without a learner that records
     them, is skipped with the reason); --reference adds the paired differences to the interval chart.
 
     \b
     bench plot all results/ --reference maml --out figures/
     """
-    _draw(list(FIGURES), paths, out, size, formats, reference, skip_unavailable=True)
+    _draw(list(FIGURES), paths, out, size, formats, dpi, reference, skip_unavailable=True)

@@ -43,9 +43,9 @@ class Drawn:
     data: pd.DataFrame
     size: PaperSize
 
-    def save(self, folder: Path, formats: tuple[str, ...] = style.FORMATS) -> list[Path]:
+    def save(self, folder: Path, formats: tuple[str, ...] = style.FORMATS, dpi: int = style.PNG_DPI) -> list[Path]:
         """``<folder>/<name>.pdf|png`` and the drawn numbers as ``<name>.csv``."""
-        written = style.save(self.figure, self.size, folder / self.name, formats)
+        written = style.save(self.figure, self.size, folder / self.name, formats, dpi)
         csv = folder / f"{self.name}.csv"
         self.data.to_csv(csv, index=False)
         return [*written, csv]
@@ -74,8 +74,8 @@ def _note(fig: Any, text: str, size: PaperSize) -> None:
 
 # -- learning curves -------------------------------------------------------------------------------------------
 def learning_curves(curves: pd.DataFrame, palette: Palette, size: PaperSize) -> list[Drawn]:
-    """One figure per cell: loss (log scale) and accuracy against iterations (top) and training time
-    (bottom); training accuracy solid, validation accuracy dashed with markers; several seeds as their mean
+    """One figure per cell: loss (log scale when it spans more than a decade) and accuracy against
+    iterations (top) and training time (bottom); training accuracy solid, validation accuracy dashed with markers; several seeds as their mean
     with a band from the lowest to the highest seed."""
     from matplotlib.lines import Line2D
 

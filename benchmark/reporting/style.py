@@ -98,12 +98,11 @@ def styled(size: PaperSize) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class SeriesStyle:
+    """How one series is drawn: its colour, and the line style and marker that separate series past seven."""
+
     color: str
     linestyle: str
     marker: str
-
-    def line(self) -> dict[str, Any]:
-        return {"color": self.color, "linestyle": self.linestyle, "marker": self.marker}
 
 
 class Palette:
@@ -169,8 +168,9 @@ def time_unit(seconds: Sequence[float]) -> tuple[str, float]:
     return "seconds", 1.0
 
 
-def save(fig: Any, size: PaperSize, stem: Path, formats: Sequence[str] = FORMATS) -> list[Path]:
-    """Write ``fig`` as ``stem.pdf``/``stem.png`` (the formats asked for); returns the paths written."""
+def save(fig: Any, size: PaperSize, stem: Path, formats: Sequence[str] = FORMATS, dpi: int = PNG_DPI) -> list[Path]:
+    """Write ``fig`` as ``stem.pdf``/``stem.png`` (the formats asked for; ``dpi`` for the PNG); returns the
+    paths written."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     written = []
     with styled(size):
@@ -178,7 +178,7 @@ def save(fig: Any, size: PaperSize, stem: Path, formats: Sequence[str] = FORMATS
             path = stem.with_suffix(f".{fmt}")
             # No creation date in the PDF: the same runs give the same file.
             metadata = {"CreationDate": None} if fmt == "pdf" else {"Software": None}
-            fig.savefig(path, format=fmt, metadata=metadata)
+            fig.savefig(path, format=fmt, metadata=metadata, dpi=dpi)
             written.append(path)
     return written
 
