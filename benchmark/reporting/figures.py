@@ -67,6 +67,11 @@ def _row_handles(rows: list[str], palette: Palette, marker: bool = True) -> tupl
     return handles, list(rows)
 
 
+def _with_seeds(row: str, seeds: int) -> str:
+    """A legend label: the row, and how many seeds a line averages when more than one."""
+    return f"{row} ({seeds} seeds)" if seeds > 1 else row
+
+
 def _note(fig: Any, text: str, size: PaperSize) -> None:
     """A line of explanation under the panels (kept inside the figure by the layout engine)."""
     fig.supxlabel(text, fontsize=size.small, color=GREY, x=0.01, ha="left", wrap=True)
@@ -101,12 +106,12 @@ def learning_curves(curves: pd.DataFrame, palette: Palette, size: PaperSize) -> 
             for ax in (axes[1], axes[3]):
                 ax.set_ylabel("accuracy (%)")
             for ax in axes[:2]:
-                ax.set_xlabel("meta-training iteration")
+                ax.set_xlabel("training iteration")
             for ax in axes[2:]:
                 ax.set_xlabel(f"training time ({unit})")
             seeds = data.groupby("row")["seeds"].max()
             handles, labels = _row_handles(rows, palette, marker=False)
-            labels = [f"{row} ({seeds[row]} seeds)" if seeds[row] > 1 else row for row in labels]
+            labels = [_with_seeds(row, seeds[row]) for row in labels]
             handles += [Line2D([], [], color=GREY, linestyle="-"), Line2D([], [], color=GREY, linestyle="--", marker="o")]
             labels += ["training", "validation"]
             style.legend_on_top(fig, handles, labels, size)
@@ -116,7 +121,7 @@ def learning_curves(curves: pd.DataFrame, palette: Palette, size: PaperSize) -> 
                        f"validation{band}.", size)
         drawn.append(Drawn(
             f"curves-{_cell_tag(way, shot)}", f"Learning curves, {cell_name(way, shot)}",
-            "Training loss and accuracy, validation accuracy, against meta-training iterations (top) and "
+            "Training loss and accuracy, validation accuracy, against training iterations (top) and "
             "training time (bottom, validation excluded)" + (", several seeds as mean and range" if seeds.max() > 1 else "")
             + ".", fig, data.reset_index(drop=True), size))
     return drawn
@@ -250,6 +255,8 @@ def compute_chart(points: pd.DataFrame, palette: Palette, size: PaperSize) -> Dr
                             fmt=device_marker[device], color=palette[p["row"]].color, markersize=4)
             if _spans_decades(data["wall_time_s"]):
                 _log_axis(ax.xaxis)
+            else:
+                ax.set_xlim(0, 1.06 * data["wall_time_s"].max() / per)  # costs read as proportions from zero
             ax.set_title(cell_name(way, shot))
             ax.set_xlabel(xlabel)
             ax.set_ylabel("test accuracy (%), 95% CI")
@@ -283,8 +290,9 @@ def steps_chart(steps: pd.DataFrame, palette: Palette, size: PaperSize) -> Drawn
             ax.set_title(cell_name(way, shot))
             ax.set_xlabel("adaptation steps at test time")
             ax.set_ylabel("test accuracy (%), 95% CI")
-        rows = sorted(steps["row"].unique())
-        style.legend_on_top(fig, *_row_handles(rows, palette), size)
+        seeds = steps.groupby("row")["seeds"].max()
+        handles, rows = _row_handles(sorted(seeds.index), palette)
+        style.legend_on_top(fig, handles, [_with_seeds(row, seeds[row]) for row in rows], size)
         _note(fig, "Band: 95% CI per step, as bench table computes it; dotted: chance (100/way %). "
                    "The last step is the table's accuracy.", size)
     caption = ("Test accuracy after each adaptation step for learners that adapt by gradient steps, with the "

@@ -27,7 +27,7 @@ from benchmark.reporting import figures, series, style
 from benchmark.reporting.tables import Warn, build_table, csv_frame, format_cell, load_runs, render_html
 
 CSS = """
-body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; color: #222; max-width: 1100px;
+body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; color: #222; max-width: 1200px;
        margin: 2em auto; padding: 0 1em; }
 h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { margin-top: 2em; border-bottom: 1px solid #ddd; }
 .meta { color: #666; }
@@ -42,6 +42,10 @@ figcaption { color: #444; font-size: 0.92em; }
 code { font-size: 0.9em; }
 details pre { background: #f6f6f6; padding: 0.6em; overflow-x: auto; font-size: 0.85em; }
 .swatch { display: inline-block; width: 0.8em; height: 0.8em; border-radius: 2px; margin-right: 0.35em; }
+.scroll { overflow-x: auto; }
+table.runs { font-size: 0.85em; } table.runs td { white-space: nowrap; }
+table.runs tr.run td { border-bottom: none; } table.runs tr.files td { padding-top: 0; color: #555; }
+table.runs tr.files a { margin-right: 0.6em; }
 """
 
 
@@ -106,8 +110,7 @@ def _file_links(run_dir: Path, output: Path) -> str:
 
 def _runs_section(runs: pd.DataFrame, output: Path, palette: style.Palette, warn: Warn) -> str:
     head = ("<tr><th>run</th><th>cell</th><th>seed</th><th>test accuracy (%)</th><th>device</th><th>wall time</th>"
-            "<th>git commit</th><th>metabench / torch / CUDA / Python</th><th>plugin</th><th>code hash</th>"
-            "<th>files</th></tr>")
+            "<th>git commit</th><th>metabench / torch / CUDA / Python</th><th>plugin (code hash)</th></tr>")
     rows, details = [], []
     for _, run in runs.sort_values(["row", "way", "shot", "seed"]).iterrows():
         path = Path(run["path"])
@@ -121,21 +124,21 @@ def _runs_section(runs: pd.DataFrame, output: Path, palette: style.Palette, warn
         plugin = config.get("plugin") or {}
         swatch = f'<span class="swatch" style="background:{palette.color(run["row"])}"></span>'
         rows.append(
-            f"<tr><td>{swatch}<a href=\"#run-{escape(path.name)}\">{escape(str(run['row']))}</a></td>"
-            f"<td>{run['way']}-way {run['shot']}-shot</td><td>{run['seed']}</td><td>{escape(run['mean_text'])}</td>"
+            f"<tr class=\"run\"><td>{swatch}<a href=\"#run-{escape(path.name)}\">{escape(str(run['row']))}</a></td>"
+            f"<td>{run['way']}w{run['shot']}s</td><td>{run['seed']}</td><td>{escape(run['mean_text'])}</td>"
             f"<td>{escape(str(config.get('device_name') or '—'))} ({escape(str(config.get('device') or '?'))})</td>"
             f"<td>{_duration(run['wall_time_s'])}</td>"
             f"<td><code>{escape(_short(config.get('git_commit')))}</code></td><td>{escape(versions)}</td>"
             f"<td>{escape(str(plugin.get('distribution') or plugin.get('file') or '—'))} "
-            f"{escape(str(plugin.get('version') or ''))}</td>"
-            f"<td><code>{escape(_short(plugin.get('code_sha256')))}</code></td>"
-            f"<td>{_file_links(path, output)}</td></tr>")
+            f"{escape(str(plugin.get('version') or ''))} (<code>{escape(_short(plugin.get('code_sha256'), 10))}</code>)</td>"
+            f'</tr>\n<tr class="files"><td></td><td colspan="8">files: {_file_links(path, output)}</td></tr>')
         details.append(
             f'<details id="run-{escape(path.name)}"><summary><code>{escape(str(path))}</code></summary>'
             f"<pre>{escape(json.dumps(config, indent=2, sort_keys=True, default=str))}</pre></details>")
-    return ("<h2>Runs</h2>\n<p>One row per run: where and how it ran. The full <code>config.json</code> of each run "
-            "is below the table; the file links are relative to this page.</p>\n"
-            f'<table class="runs"><thead>{head}</thead><tbody>\n' + "\n".join(rows) + "\n</tbody></table>\n"
+    return ("<h2>Runs</h2>\n<p>Where and how each run ran, and its files (links relative to this page). The full "
+            "<code>config.json</code> of each run is below the table.</p>\n"
+            f'<div class="scroll"><table class="runs"><thead>{head}</thead><tbody>\n' + "\n".join(rows)
+            + "\n</tbody></table></div>\n"
             + "\n".join(details) + "\n")
 
 
@@ -154,8 +157,8 @@ def build_report(paths: Sequence[str | Path], output: Path, reference: str | Non
     title = title or f"metabench results: {where}"
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     cells = sorted({(int(w), int(s)) for w, s in zip(runs["way"], runs["shot"])})
-    summary = (f"{len(runs)} finished runs of {runs['row'].nunique()} learners in "
-               f"{len(cells)} cells; made {now} by metabench {__version__} (<code>bench report</code>)"
+    summary = (f"{_count(len(runs), 'finished run')} of {_count(runs['row'].nunique(), 'learner')} in "
+               f"{_count(len(cells), 'cell')}; made {now} by metabench {__version__} (<code>bench report</code>)"
                + (f"; differences to {escape(reference)}" if reference else "") + ".")
     body = [
         f"<h1>{escape(title)}</h1>",
@@ -168,6 +171,10 @@ def build_report(paths: Sequence[str | Path], output: Path, reference: str | Non
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
             f"<title>{escape(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
             + "\n".join(body) + "</body>\n</html>\n")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _run_accuracy(run: pd.Series) -> str:

@@ -151,11 +151,16 @@ def new_figure(size: PaperSize, panels: int, panel_height: float, columns: int |
 
 
 def legend_on_top(fig: Any, handles: Sequence[Any], labels: Sequence[str], size: PaperSize) -> None:
-    """One legend for the whole figure, above the panels, as many entries per line as fit."""
+    """One legend for the whole figure, above the panels: as many entries per line as fit the width, read
+    left to right, line by line (matplotlib fills a legend column by column, so the entries are reordered)."""
     if not handles:
         return
-    per_line = max(1, min(len(handles), int(size.width // 1.4)))
-    fig.legend(handles, labels, loc="outside upper center", ncols=per_line, handlelength=1.8, columnspacing=1.2)
+    # Width of an entry: its handle, the gaps, and its text (about 0.6 em per character).
+    widest = max(0.55 + 0.6 * size.small / 72 * len(label) for label in labels)
+    per_line = max(1, min(len(handles), int(size.width / widest)))
+    order = [i for column in range(per_line) for i in range(column, len(handles), per_line)]
+    fig.legend([handles[i] for i in order], [labels[i] for i in order], loc="outside upper center", ncols=per_line,
+               handlelength=1.8, columnspacing=1.2)
 
 
 def time_unit(seconds: Sequence[float]) -> tuple[str, float]:
