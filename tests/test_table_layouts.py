@@ -105,3 +105,14 @@ def test_layout_cli_and_csv(readme_table, capsys):
     assert "<caption>" in capsys.readouterr().out
     assert main(["table", str(readme_table), "--format", "csv", "--layout", "narrow"]) == 2
     assert "csv always has one row per learner and cell" in capsys.readouterr().err
+
+
+def test_compact_puts_delta_inside_the_seed_counts_parentheses(readme_table):
+    write_run(readme_table, "fomaml-5-seed1", accuracies(99), learner="fomaml", way=5, seed=1, manifest="m5",
+              describe=describe("fomaml", 5), learner_config={"lr": 0.1})
+    table = build_table(load_runs([readme_table]), reference="maml")
+    frame = view(table, "compact").frame.set_index("learner")
+    cell = frame.loc[frame.index.str.startswith("fomaml"), "5-way 1-shot"].item()
+    wide = display_frame(table).set_index("learner")
+    mean, diff = wide.at["fomaml", "5-way 1-shot"], wide.at["fomaml", "5-way 1-shot Δ"]
+    assert mean.endswith(" (2 seeds)") and cell == f"{mean[:-1]}; Δ {diff})"

@@ -85,6 +85,15 @@ def _diff_text(table: Table, row: str, column: tuple[int, int]) -> str:
     return diff if diff == "ref" else f"Δ {diff}"
 
 
+def _beside(mean: str, diff: str) -> str:
+    """``mean (diff)``; into the seed count's parentheses when there is one: ``m ± c (3 seeds; Δ d ± e)``."""
+    if not diff:
+        return mean
+    if mean.endswith(" seeds)"):
+        return f"{mean[:-1]}; {diff})"
+    return f"{mean} ({diff})"
+
+
 def view(table: Table, layout: str) -> View:
     """``table`` laid out as ``layout`` (one of ``LAYOUTS``)."""
     if layout not in LAYOUTS:
@@ -100,8 +109,7 @@ def view(table: Table, layout: str) -> View:
         means = {cell_name(*c): _mean_text(table, row, c, seeds) for c in table.columns}
         diffs = {cell_name(*c): _diff_text(table, row, c) for c in table.columns} if table.reference else {}
         if layout == "compact":
-            records.append({"learner": label, **{k: v + (f" ({diffs[k]})" if diffs.get(k) else "")
-                                                 for k, v in means.items()}})
+            records.append({"learner": label, **{k: _beside(v, diffs.get(k, "")) for k, v in means.items()}})
         else:
             records.append({"learner": label, **means})
             if diffs:
