@@ -112,3 +112,14 @@ def test_report_renders_in_a_headless_browser(report, tmp_path):
     assert re.search(r'data-table-rows="(\d+)"', dom).group(1) == "2"  # maml and finetune
     assert re.search(r'data-run-rows="(\d+)"', dom).group(1) == "3"  # one per run
     assert "finetune" in dom and "Accuracy against compute" in dom
+
+
+def test_a_figure_the_runs_do_not_allow_is_named_with_the_reason(tiny_results, tmp_path):
+    for run in tiny_results.iterdir():
+        if run.name.startswith("finetune-"):
+            shutil.copytree(run, tmp_path / "results" / run.name)
+    output = tmp_path / "page.html"
+    assert main(["report", str(tmp_path / "results"), "--output", str(output)]) == 0
+    text = output.read_text()
+    assert "Not drawn: Test accuracy against adaptation steps" in text and "predict_steps" in text
+    assert text.count("<img ") == 3  # curves, intervals, compute

@@ -72,7 +72,7 @@ def _figure_section(runs: pd.DataFrame, reference: str | None, size: style.Paper
         try:
             drawn = figures.make(name, runs, size, reference=reference, warn=warn)
         except BenchError as exc:
-            parts.append(f'<p class="skipped">Not drawn: {escape(kind.help)} {escape(str(exc))}.</p>')
+            parts.append(f'<p class="skipped">Not drawn: {escape(kind.help.rstrip("."))}, because {escape(str(exc))}.</p>')
             continue
         for figure in drawn:
             png = _data_uri(style.png_bytes(figure.figure, figure.size), "image/png")
