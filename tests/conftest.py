@@ -65,3 +65,26 @@ def isolated_cache(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("BENCH_CACHE_DIR", str(cache))
     monkeypatch.delenv("BENCH_DATA_DIR", raising=False)
     return cache
+
+
+#: The smallest real runs that still have every file a figure reads: two logged iterations, each validated;
+#: MAML with one test-time adaptation step (steps.csv); two seeds of the (cheaper) fine-tune baseline for the
+#: seed band, and a learner without adaptation steps. Shared by the figure and report tests.
+TINY_RUN = ["--way", "5", "--shot", "1", "--query", "2", "--iterations", "2", "--episodes", "4", "--val-every", "1",
+            "--val-episodes", "2", "--log-every", "1", "--checkpoint-every", "2", "--device", "cpu", "-q"]
+TINY_LEARNERS = {
+    "maml": ["-o", "meta_batch_size=1", "-o", "test_inner_steps=1"],
+    "finetune": ["-o", "batch_size=8", "-o", "head_epochs=1", "--seed", "0", "--seed", "1"],
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_results(omniglot_dir, tmp_path_factory) -> Path:
+    """A results folder of real tiny runs: maml seed 0 (with steps.csv), finetune seeds 0 and 1."""
+    from benchmark.cli import main
+
+    out = tmp_path_factory.mktemp("tiny-results")
+    for learner, extra in TINY_LEARNERS.items():
+        code = main(["run", "--learner", learner, *TINY_RUN, *extra, "--data-dir", str(omniglot_dir), "--out", str(out)])
+        assert code == 0, f"bench run --learner {learner} failed"
+    return out

@@ -24,6 +24,8 @@ SUBCOMMANDS = {
     "perf": ("benchmark.cli.perf", "perf", "Time a learner's meta-training step against the per-task loop."),
     "reproduce": ("benchmark.cli.reproduce", "reproduce", "Reproduce a paper's table in the harness."),
     "sweep": ("benchmark.cli.sweep", "sweep", "Run a grid of runs here or on a Slurm cluster; --status says how far."),
+    "plot": ("benchmark.cli.plot", "plot", "Draw figures for a paper (PDF, PNG and their numbers as CSV)."),
+    "report": ("benchmark.cli.report", "report", "Write one self-contained HTML page: tables, figures, provenance."),
 }
 
 
@@ -55,6 +57,8 @@ def cli() -> None:
     bench learners                   the learners that plugins provide
     bench run --learner maml --way 20 --shot 1
     bench table results/ --reference maml
+    bench plot all results/ --reference maml
+    bench report results/ --reference maml
     """
 
 

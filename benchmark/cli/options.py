@@ -117,3 +117,9 @@ def given_settings(options: dict[str, Any]) -> dict[str, Any]:
 
 out_option = click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("results"),
                           show_default=True, help="Folder for run directories.")
+
+figure_size_option = click.option(
+    "--size", type=click.Choice(["one-column", "two-column"]), default="one-column", show_default=True,
+    help="Figure width: one-column (5.5 in, a one-column paper's text width) or two-column (3.25 in, one "
+    "column of a two-column paper).",
+)

@@ -12,11 +12,20 @@ import click
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["markdown", "latex", "csv"]),
+    type=click.Choice(["markdown", "latex", "html", "csv"]),
     default="markdown",
     show_default=True,
-    help="markdown (pipe table with caption), latex (plain tabular, no extra packages) or csv (percent, "
-    "full precision, one row per learner and cell).",
+    help="markdown (pipe table with caption), latex (plain tabular, no extra packages), html (a <table> with "
+    "caption and footnotes) or csv (percent, full precision, one row per learner and cell).",
+)
+@click.option(
+    "--layout",
+    type=click.Choice(["wide", "compact", "narrow"]),
+    default="wide",
+    show_default=True,
+    help="wide: a column per cell, per Δ and per differing protocol fact; compact (fits a one-column paper): Δ "
+    "beside the mean in one cell, differing protocol facts as footnote marks; narrow (fits one column of a "
+    "two-column paper): as compact with Δ on a second line, smaller type. Not for csv.",
 )
 @click.option(
     "--reference",
@@ -30,7 +39,7 @@ import click
     default=None,
     help="Write the table to this file instead of stdout.",
 )
-def table(paths: tuple[str, ...], fmt: str, reference: str | None, output: str | None) -> None:
+def table(paths: tuple[str, ...], fmt: str, layout: str, reference: str | None, output: str | None) -> None:
     """Summarize the runs below PATHS (default: results/) as a table.
 
     One row per learner (variants of a learner that differ in config are separate rows, labelled by the
@@ -41,11 +50,13 @@ def table(paths: tuple[str, ...], fmt: str, reference: str | None, output: str |
     \b
     bench table results/
     bench table results/ --reference maml --format latex --output table.tex
+    bench table results/ --reference maml --format latex --layout narrow   (one column of a two-column paper)
     """
     from benchmark.errors import BenchError
     from benchmark.reporting.tables import make_table
 
-    text = make_table(paths or ("results/",), fmt=fmt, reference=reference, warn=lambda m: click.echo(m, err=True))
+    text = make_table(paths or ("results/",), fmt=fmt, reference=reference, warn=lambda m: click.echo(m, err=True),
+                      layout=layout)
     if output is None:
         click.echo(text, nl=False)
         return

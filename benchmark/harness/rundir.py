@@ -349,6 +349,52 @@ def _read_episodes(path: Path):
     return accuracy
 
 
+def read_train_log(run_dir: Path):
+    """``train_log.csv`` as a DataFrame sorted by iteration (``None`` when the run has none).
+
+    Columns: ``iteration``, the learner's metrics (e.g. ``loss``, ``accuracy``), ``seconds_per_iteration``
+    and ``val_accuracy`` (empty on rows without validation); a file without an ``iteration`` column or with
+    non-numeric values is a RunDirError.
+    """
+    import pandas as pd
+
+    path = Path(run_dir) / TRAIN_LOG
+    if not path.is_file():
+        return None
+    try:
+        log = pd.read_csv(path)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise RunDirError(f"cannot read {path} ({type(exc).__name__}); run it again with --force") from None
+    if "iteration" not in log.columns or not all(pd.api.types.is_numeric_dtype(t) for t in log.dtypes):
+        raise RunDirError(f"{path} must have an `iteration` column and numbers only; run it again with --force")
+    return log.sort_values("iteration", ignore_index=True)
+
+
+def read_steps(run_dir: Path):
+    """``steps.csv`` as an array ``[steps + 1, episodes]`` of accuracies (``None`` when the run has none:
+    its learner does not adapt by gradient steps)."""
+    import numpy as np
+    import pandas as pd
+
+    path = Path(run_dir) / STEPS
+    if not path.is_file():
+        return None
+    try:
+        steps = pd.read_csv(path)
+        table = steps.pivot(index="step", columns="episode", values="accuracy").sort_index().sort_index(axis=1)
+    except (OSError, UnicodeDecodeError, ValueError, KeyError) as exc:
+        raise RunDirError(f"cannot read {path} ({type(exc).__name__}): it must hold `episode,step,accuracy`, one "
+                          "row per episode and step; run it again with --force") from None
+    values = table.to_numpy(dtype=np.float64)
+    episodes, step_index = table.columns.to_numpy(), table.index.to_numpy()
+    if (np.isnan(values).any() or not np.array_equal(episodes, np.arange(len(episodes)))
+            or not np.array_equal(step_index, np.arange(len(step_index)))
+            or not np.all((values >= 0) & (values <= 1))):
+        raise RunDirError(f"{path}: every episode 0..E-1 needs an accuracy in [0, 1] after every step 0..S; run it "
+                          "again with --force")
+    return values
+
+
 def _row_ok(row: list[str]) -> bool:
     try:
         int(row[0]), float(row[1])

@@ -109,7 +109,9 @@ def _record(finished: FinishedRun) -> dict[str, Any]:
         "plugin": plugin.get("distribution") or plugin.get("file") or plugin.get("plugin"),
         "plugin_version": plugin.get("version"),
         "code_sha256": plugin.get("code_sha256"),
+        "device": config.get("device"),
         "device_name": config.get("device_name"),
+        "validation_manifest_hash": config.get("validation_manifest_hash"),
         "accuracy_mean": summary.get("accuracy_mean"),
         "ci95": summary.get("ci95"),
         "n": finished.accuracy.size,
@@ -137,7 +139,8 @@ def load_runs(paths: Iterable[str | Path], warn: Warn = _stderr) -> pd.DataFrame
 
     Columns: the run's settings (``learner, way, shot, query, train, seed, iterations, select, reduced,
     preset, protocol, split_hash, rotations, manifest_hash``), its plugin (``plugin, plugin_version,
-    code_sha256``), ``describe`` (the learner's facts), summary facts (``accuracy_mean, ci95, n,
+    code_sha256``), ``describe`` (the learner's facts), where it ran (``device``, e.g. ``cpu`` or ``cuda:0``,
+    and ``device_name``), ``validation_manifest_hash``, summary facts (``accuracy_mean, ci95, n,
     wall_time_s, ms_per_iteration, peak_memory_mb``), ``accuracy`` (a float array ``[n]`` in episode order),
     ``variant`` (a dict of the settings that define the experiment) and ``facts`` (the protocol facts as the
     table shows them). Unfinished runs are skipped with a note; so are runs whose files are damaged (the
@@ -235,8 +238,9 @@ def _display_value(encoded: str | None) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def _row_labels(runs: pd.DataFrame) -> pd.Series:
-    """A row label per run: the learner name, plus the keys that tell its variants apart in some cell."""
+def row_labels(runs: pd.DataFrame) -> pd.Series:
+    """A row label per run: the learner name, plus the keys that tell its variants apart in some cell (the
+    rows of the table, and the series of every figure)."""
     labels = pd.Series(runs["learner"].to_numpy(), index=runs.index, dtype=object)
     for learner, group in runs.groupby("learner", sort=False):
         splitting: set[str] = set()
@@ -255,7 +259,7 @@ def _row_labels(runs: pd.DataFrame) -> pd.Series:
     return labels
 
 
-def _dedupe_seeds(group: pd.DataFrame, row: str, warn: Warn) -> pd.DataFrame:
+def dedupe_seeds(group: pd.DataFrame, row: str, warn: Warn) -> pd.DataFrame:
     """Keep one run per seed: identical copies collapse (with a note), disagreeing copies are an error."""
     keep = []
     for seed, same in group.groupby("seed", dropna=False, sort=True):
@@ -357,14 +361,16 @@ def _delta_coverage_notes(seed_counts: set[tuple[int, int]]) -> list[str]:
 def build_table(runs: pd.DataFrame, reference: str | None = None, warn: Warn = _stderr) -> Table:
     """Group runs into rows and (way, shot) columns and compute every cell's statistics.
 
-    :param runs: the output of :func:`load_runs`.
+    :param runs: the output of :func:`load_runs`; a ``row`` column, when present, is kept as the row labels
+        (figures tabulate a subset of a folder's runs under the labels of the whole folder).
     :param reference: a learner name (or an exact row label) to compare every row against.
     :raises BenchError: unknown reference, or two disagreeing runs of the same seed.
     """
-    runs = runs.assign(row=_row_labels(runs))
+    if "row" not in runs.columns:
+        runs = runs.assign(row=row_labels(runs))
     cells: dict[tuple[str, tuple[int, int]], Cell] = {}
     for (row, way, shot), group in runs.groupby(["row", "way", "shot"], sort=False):
-        group = _dedupe_seeds(group, str(row), warn)
+        group = dedupe_seeds(group, str(row), warn)
         seed_runs = [SeedRun(m, a) for m, a in zip(group["manifest_hash"], group["accuracy"])]
         result = seeds_mean_ci(seed_runs)
         cells[(str(row), (int(way), int(shot)))] = Cell(
@@ -519,8 +525,11 @@ _LATEX_SPECIALS = {
     "~": r"\textasciitilde{}",
     "^": r"\textasciicircum{}",
 }
+#: Superscript letters used as footnote marks (``--layout compact``), each with its plain letter.
+SUPERSCRIPTS = dict(zip("ᵃᵇᶜᵈᵉᶠᵍʰⁱʲᵏˡᵐⁿᵒᵖʳˢᵗᵘᵛʷˣʸᶻ", "abcdefghijklmnoprstuvwxyz"))
 # The few non-ASCII characters we emit, spelled so that plain pdflatex needs no package for them.
-_LATEX_UNICODE = {"±": r"$\pm$", "Δ": r"$\Delta$", "—": "---", "×": r"$\times$"}
+_LATEX_UNICODE = {"±": r"$\pm$", "Δ": r"$\Delta$", "—": "---", "×": r"$\times$",
+                  **{mark: rf"\textsuperscript{{{letter}}}" for mark, letter in SUPERSCRIPTS.items()}}
 
 
 def latex_escape(text: str) -> str:
@@ -533,8 +542,13 @@ def render_latex(table: Table) -> str:
     return frame_latex(display_frame(table), table.caption, table.footnotes)
 
 
-def frame_latex(frame: pd.DataFrame, caption: str, footnotes: Iterable[str] = ()) -> str:
-    """Any frame of strings as a ``table`` float with a plain ``tabular`` (first column left, others centred)."""
+def frame_latex(frame: pd.DataFrame, caption: str, footnotes: Iterable[str] = (), font: str = "\\small",
+                tabcolsep: str | None = None) -> str:
+    """Any frame of strings as a ``table`` float with a plain ``tabular`` (first column left, others centred).
+
+    :param font: the size command for the float (``\\small``; ``\\footnotesize`` for a narrow column).
+    :param tabcolsep: the gap on each side of a column (LaTeX's default is 6pt), set inside the float only.
+    """
     align = "l" + "c" * (frame.shape[1] - 1)
 
     def line(values: Iterable[str]) -> str:
@@ -544,10 +558,11 @@ def frame_latex(frame: pd.DataFrame, caption: str, footnotes: Iterable[str] = ()
 
     out = [
         "% metabench results table. Plain LaTeX2e: needs no \\usepackage (no booktabs).",
-        "% Too wide for the page? Wrap the tabular in \\resizebox{\\textwidth}{!}{...} (\\usepackage{graphicx}).",
+        "% Too wide for the page? bench table --layout compact (one-column paper) or narrow (two-column paper).",
         r"\begin{table}[htbp]",
         r"\centering",
-        r"\small",
+        font,
+        *([rf"\setlength{{\tabcolsep}}{{{tabcolsep}}}"] if tabcolsep else []),
         r"\caption{" + latex_escape(caption) + "}",
         r"\begin{tabular}{" + align + "}",
         r"\hline",
@@ -561,6 +576,28 @@ def frame_latex(frame: pd.DataFrame, caption: str, footnotes: Iterable[str] = ()
     if footnotes:
         out += [r"\par\smallskip", r"{\footnotesize"] + [latex_escape(n) + r"\par" for n in footnotes] + ["}"]
     out.append(r"\end{table}")
+    return "\n".join(out) + "\n"
+
+
+def render_html(table: Table) -> str:
+    """An HTML ``<table>`` with its caption and the footnotes under it (no styles, no scripts)."""
+    return frame_html(display_frame(table), table.caption, table.footnotes)
+
+
+def frame_html(frame: pd.DataFrame, caption: str, footnotes: Iterable[str] = ()) -> str:
+    """Any frame of strings as an HTML table: the first column as row headers, the caption as ``<caption>``."""
+    from html import escape
+
+    head = "".join(f'<th scope="col">{escape(str(c))}</th>' for c in frame.columns)
+    body = []
+    for values in frame.itertuples(index=False):
+        first, *rest = (escape(str(v)) for v in values)
+        body.append(f'<tr><th scope="row">{first}</th>' + "".join(f"<td>{v}</td>" for v in rest) + "</tr>")
+    out = [f"<table>\n<caption>{escape(caption)}</caption>", f"<thead><tr>{head}</tr></thead>",
+           "<tbody>", *body, "</tbody>\n</table>"]
+    footnotes = list(footnotes)
+    if footnotes:
+        out += ['<ul class="footnotes">', *(f"<li>{escape(n)}</li>" for n in footnotes), "</ul>"]
     return "\n".join(out) + "\n"
 
 
@@ -623,14 +660,22 @@ def render_csv(table: Table) -> str:
 RENDERERS: dict[str, Callable[[Table], str]] = {
     "markdown": render_markdown,
     "latex": render_latex,
+    "html": render_html,
     "csv": render_csv,
 }
 
 
 def make_table(
-    paths: Sequence[str | Path], fmt: str = "markdown", reference: str | None = None, warn: Warn = _stderr
+    paths: Sequence[str | Path], fmt: str = "markdown", reference: str | None = None, warn: Warn = _stderr,
+    layout: str = "wide",
 ) -> str:
-    """Load, build and render in one call (what ``bench table`` does)."""
+    """Load, build and render in one call (what ``bench table`` does); ``layout``: see
+    :mod:`benchmark.reporting.layouts`."""
+    # Imported here: layouts builds on this module's renderers.
+    from benchmark.reporting.layouts import LAYOUTS, render
+
     if fmt not in RENDERERS:
         raise BenchError(f"unknown table format {fmt!r}: use one of {', '.join(RENDERERS)}")
-    return RENDERERS[fmt](build_table(load_runs(paths, warn=warn), reference=reference, warn=warn))
+    if layout not in LAYOUTS:
+        raise BenchError(f"unknown table layout {layout!r}: use one of {', '.join(LAYOUTS)}")
+    return render(build_table(load_runs(paths, warn=warn), reference=reference, warn=warn), fmt, layout)
