@@ -313,7 +313,7 @@ def _finish(out: Path, abs_out: Path, names: list[str], write_table: bool, info)
     info("sweep " + ", ".join(f"{n} {state}" for state, n in tally.items() if n))
     if tally[FINISHED] and write_table:
         from benchmark.harness.atomic import atomic_write_bytes
-        from benchmark.tables import make_table
+        from benchmark.reporting.tables import make_table
 
         text = make_table([abs_out], fmt="markdown", warn=lambda m: click.echo(m, err=True))
         atomic_write_bytes(abs_out / "table.md", text.encode())
