@@ -128,7 +128,19 @@ class SpeedVariants:
         return variants
 
 
-class MetaGradientLearner(SpeedVariants, Learner):
+class AdaptedPrediction:
+    """``predict`` and ``predict_steps`` (``benchmark.learner.AdaptationSteps``) of a learner that adapts to each
+    test episode by steps, both from its ``_adapted_logits(support_x, support_y, query_x, every_step)``."""
+
+    def predict(self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor) -> torch.Tensor:
+        return self._adapted_logits(support_x, support_y, query_x, every_step=False)
+
+    def predict_steps(self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor) -> torch.Tensor:
+        """Logits [S+1, T, N*Q, N] after 0..S test-time steps."""
+        return self._adapted_logits(support_x, support_y, query_x, every_step=True)
+
+
+class MetaGradientLearner(SpeedVariants, AdaptedPrediction, Learner):
     """Meta-parameters trained by Adam on the meta-gradient of the query loss after inner adaptation.
 
     Subclasses define ``build_inner`` and ``init_params``; they may override ``first_order`` (per
@@ -232,13 +244,6 @@ class MetaGradientLearner(SpeedVariants, Learner):
         finally:  # also when a CUDA-graph capture fails inside step(): drop gradients from its memory pool
             self.optimizer.zero_grad(set_to_none=True)
         return loss.detach(), acc.detach()
-
-    def predict(self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor) -> torch.Tensor:
-        return self._adapted_logits(support_x, support_y, query_x, every_step=False)
-
-    def predict_steps(self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor) -> torch.Tensor:
-        """Logits [S+1, T, N*Q, N] after 0..S test-time steps (``benchmark.learner.AdaptationSteps``)."""
-        return self._adapted_logits(support_x, support_y, query_x, every_step=True)
 
     def _adapted_logits(self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor,
                         every_step: bool) -> torch.Tensor:
