@@ -44,8 +44,9 @@ from benchmark import hookimpl
 from benchmark.config import option
 from benchmark.episodes import LabeledBatch
 from benchmark.errors import ProtocolError
-from benchmark.learner import Learner, Minibatches, RunContext, seed_from
+from benchmark.learner import Learner, Minibatches, RunContext
 from benchmark.papers import Paper, Preset, Quick
+from benchmark.toolkit import episode_seeds
 from benchmark.toolkit.conv4 import (
     Conv4Arch, Params, conv4_features, init_conv4, init_running_stats, load_training_state, training_state,
 )
@@ -115,22 +116,10 @@ def head_logits(kind: str, params: Params, features: torch.Tensor, scale: float)
 
 def episode_generators(context_generator: Callable[[str], torch.Generator], support_x: torch.Tensor,
                        support_y: torch.Tensor) -> list[torch.Generator]:
-    """One generator per episode, seeded from the run's seed and the episode's own content.
-
-    So an episode's head initialisation and minibatch order do not depend on which other episodes share
-    its ``predict`` call (``eval_batch_size``) or on its position there. The key uses exact integer-valued
-    sums of the images (float64) and the support labels, so it is the same on every device and batch layout.
-
-    Args:
-        support_x: [T, S, 1, 28, 28]; support_y: [T, S]
-    """
-    flat = support_x.flatten(2).to(torch.float64)  # [T, S, P]
-    positions = torch.arange(1, flat.shape[-1] + 1, dtype=torch.float64, device=flat.device)
-    quantized = (flat * 255).round()  # integer intensities: the sums below are exact
-    keys = torch.stack([quantized.sum(dim=(1, 2)), (quantized * positions).sum(dim=(1, 2))], dim=1).cpu().tolist()
-    labels = support_y.cpu().tolist()
-    base = int(torch.randint(0, 2**62, (1,), generator=context_generator("finetune-head")).item())
-    return [torch.Generator().manual_seed(seed_from(repr((base, key, y)))) for key, y in zip(keys, labels)]
+    """One generator per episode for its head's initialisation and minibatch order, seeded from the run's seed
+    and the episode's own content (``benchmark.toolkit.episode_seeds``): an episode's prediction does not
+    depend on ``eval_batch_size`` or on its neighbours. support_x: [T, S, 1, 28, 28]; support_y: [T, S]."""
+    return episode_seeds.episode_generators(context_generator, support_x, support_y, "finetune-head")
 
 
 def fit_episode_heads(config: FinetuneConfig, support_f: torch.Tensor, support_y: torch.Tensor, way: int,

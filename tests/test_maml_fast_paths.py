@@ -39,7 +39,8 @@ import pytest
 import torch
 
 import plugins.maml as maml
-from benchmark.toolkit.conv4 import init_conv4
+from plugins import gradient, gradient_learner, gradient_reference as reference
+from benchmark.toolkit.conv4 import Conv4Arch, init_conv4
 from benchmark.errors import ConfigError
 from benchmark.learner import RunContext
 from test_maml_gradients import RTOL64, fake_episodes, rel_error
@@ -67,12 +68,12 @@ def test_cuda_graph_defaults_to_the_device():
 
 def _compiled_against_loop(backend: str, first_order: bool) -> None:
     g = torch.Generator().manual_seed(3)
-    inner = maml.InnerLoop(0.4, 2, "sum/K", False, maml.Conv4Arch(padding="same", bn_scale=False, bn_eps=1e-3))
+    inner = gradient.InnerLoop(0.4, 2, "sum/K", False, Conv4Arch(padding="same", bn_scale=False, bn_eps=1e-3))
     params = init_conv4(g, 5, dtype=torch.float64, arch=inner.arch)
     batch = fake_episodes(g, tasks=2, query=1)
-    compiled = maml._compiled(maml.vectorized_meta_gradient, backend=backend)
+    compiled = gradient_learner.compiled(gradient.vectorized_meta_gradient, backend=backend)
     gc, lc, ac = compiled(params, batch, inner, first_order)
-    gr, lr, ar = maml.reference_meta_gradient(params, batch, inner, first_order)
+    gr, lr, ar = reference.reference_meta_gradient(params, batch, inner, first_order)
     assert rel_error(gc, gr) <= RTOL64
     torch.testing.assert_close(lc, lr, rtol=1e-12, atol=0)
     torch.testing.assert_close(ac, ar, rtol=0, atol=0)

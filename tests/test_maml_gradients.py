@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import plugins.maml as maml
+from plugins import gradient, gradient_reference as reference
 from benchmark.episodes import EpisodeBatch
 from benchmark.learner import RunContext
 from benchmark.toolkit.conv4 import Conv4Arch, init_conv4
@@ -51,9 +52,9 @@ TORCH_STYLE = Conv4Arch()
 NETWORKS = {"reference": (REFERENCE, "sum/K", False), "torch-style": (TORCH_STYLE, "mean", True)}
 
 
-def inner(network: str = "reference", steps: int = 1, lr: float = 0.4) -> maml.InnerLoop:
+def inner(network: str = "reference", steps: int = 1, lr: float = 0.4) -> gradient.InnerLoop:
     arch, loss, adapt_bn = NETWORKS[network]
-    return maml.InnerLoop(lr, steps, loss, adapt_bn, arch)
+    return gradient.InnerLoop(lr, steps, loss, adapt_bn, arch)
 
 
 @pytest.fixture(scope="module", params=list(NETWORKS))
@@ -67,8 +68,8 @@ def setup64(request):
 @pytest.mark.parametrize("steps", [1, 3])
 def test_vectorized_equals_loop_float64(setup64, first_order, steps):
     network, params, batch = setup64
-    gv, lv, av = maml.vectorized_meta_gradient(params, batch, inner(network, steps), first_order)
-    gr, lr, ar = maml.reference_meta_gradient(params, batch, inner(network, steps), first_order)
+    gv, lv, av = gradient.vectorized_meta_gradient(params, batch, inner(network, steps), first_order)
+    gr, lr, ar = reference.reference_meta_gradient(params, batch, inner(network, steps), first_order)
     assert rel_error(gv, gr) <= RTOL64
     torch.testing.assert_close(lv, lr, rtol=1e-12, atol=0)
     torch.testing.assert_close(av, ar, rtol=0, atol=0)
@@ -79,8 +80,8 @@ def test_vectorized_equals_loop_float64(setup64, first_order, steps):
 def test_first_and_second_order_differ(setup64):
     """Guards against the two orders silently sharing one code path."""
     network, params, batch = setup64
-    g2 = maml.vectorized_meta_gradient(params, batch, inner(network), False)[0]
-    g1 = maml.vectorized_meta_gradient(params, batch, inner(network), True)[0]
+    g2 = gradient.vectorized_meta_gradient(params, batch, inner(network), False)[0]
+    g1 = gradient.vectorized_meta_gradient(params, batch, inner(network), True)[0]
     assert rel_error(g1, g2) > 1e-3
 
 
@@ -91,9 +92,9 @@ def test_tolerance_catches_native_batchnorm_under_vmap(setup64, monkeypatch):
     network, params, batch = setup64
     if network == "reference":
         pytest.skip("the native kernel's error needs an adapted batch-norm scale; the torch-style case shows it")
-    gr = maml.reference_meta_gradient(params, batch, inner(network, 2), False)[0]
-    monkeypatch.setattr(maml, "conv4_forward", maml.reference_forward)
-    gv = maml.vectorized_meta_gradient(params, batch, inner(network, 2), False)[0]
+    gr = reference.reference_meta_gradient(params, batch, inner(network, 2), False)[0]
+    monkeypatch.setattr(gradient, "conv4_forward", reference.reference_forward)
+    gv = gradient.vectorized_meta_gradient(params, batch, inner(network, 2), False)[0]
     assert rel_error(gv, gr) > 1e-5
 
 
@@ -106,17 +107,17 @@ def test_vectorized_float32_is_as_accurate_as_the_loop(network):
     params32 = {k: v.float() for k, v in params64.items()}
     batch32 = batch64.to("cpu", dtype=torch.float32)
     for first_order in (False, True):
-        exact = maml.reference_meta_gradient(params64, batch64, inner(network, 2), first_order)[0]
+        exact = reference.reference_meta_gradient(params64, batch64, inner(network, 2), first_order)[0]
         exact = {k: v.float() for k, v in exact.items()}
-        loop = rel_error(maml.reference_meta_gradient(params32, batch32, inner(network, 2), first_order)[0], exact)
-        fast = rel_error(maml.vectorized_meta_gradient(params32, batch32, inner(network, 2), first_order)[0], exact)
+        loop = rel_error(reference.reference_meta_gradient(params32, batch32, inner(network, 2), first_order)[0], exact)
+        fast = rel_error(gradient.vectorized_meta_gradient(params32, batch32, inner(network, 2), first_order)[0], exact)
         assert fast <= max(FLOAT32_FACTOR * loop, RTOL32_FLOOR), (fast, loop)
 
 
 def test_adapted_logits_agree(setup64):
     network, params, batch = setup64
-    lv = maml.vectorized_adapted_logits(params, batch.support_x, batch.support_y, batch.query_x, inner(network), 3)
-    lr = maml.reference_adapted_logits(params, batch.support_x, batch.support_y, batch.query_x, inner(network), 3)
+    lv = gradient.vectorized_adapted_logits(params, batch.support_x, batch.support_y, batch.query_x, inner(network), 3)
+    lr = reference.reference_adapted_logits(params, batch.support_x, batch.support_y, batch.query_x, inner(network), 3)
     assert lv.shape == (3, 15, 5)
     torch.testing.assert_close(lv, lr, rtol=1e-10, atol=1e-10)
 
@@ -177,7 +178,7 @@ def reference_code_step(params, x, y, lr: float, shot: int):
     K (utils.py:58), ``tf.gradients`` differentiates their sum (maml.py:90), batch-norm variables are not in
     ``weights`` and do not move, and every other weight takes ``w - update_lr * grad`` (maml.py:94)."""
     leaves = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
-    logits = maml.reference_forward(leaves, x, REFERENCE)
+    logits = reference.reference_forward(leaves, x, REFERENCE)
     per_example = torch.nn.functional.cross_entropy(logits, y, reduction="none") / shot
     moving = [k for k in leaves if not k.startswith("bn")]
     grads = torch.autograd.grad(per_example.sum(), [leaves[k] for k in moving])
@@ -195,13 +196,13 @@ def test_the_finn2017_preset_takes_the_reference_codes_inner_step(way, shot):
     g = torch.Generator().manual_seed(way * 10 + shot)
     batch = fake_episodes(g, tasks=1, way=way, shot=shot)
     params = learner.state_dict()["params"]
-    ours = maml.adapt(params, batch.support_x[0], batch.support_y[0], learner.inner, steps=1)
+    ours = gradient.adapt(params, batch.support_x[0], batch.support_y[0], learner.inner, steps=1)
     want = reference_code_step(params, batch.support_x[0], batch.support_y[0], config.inner_lr, shot)
     for k in params:
         torch.testing.assert_close(ours[k], want[k], rtol=1e-10, atol=1e-12)
     # On the mean cross-entropy that step is inner_lr * N: 2.0 for both 5-way (0.4) and 20-way (0.1).
     assert config.inner_lr * way == pytest.approx(2.0)
-    mean_step = maml.adapt(params, batch.support_x[0], batch.support_y[0],
+    mean_step = gradient.adapt(params, batch.support_x[0], batch.support_y[0],
                            dataclasses.replace(learner.inner, loss="mean", lr=config.inner_lr * way), steps=1)
     for k in params:
         torch.testing.assert_close(mean_step[k], want[k], rtol=1e-10, atol=1e-12)
@@ -224,7 +225,7 @@ def test_the_reference_network_follows_the_reference_code():
         var, mean = torch.var_mean(h, dim=(0, 2, 3), unbiased=False)
         h = torch.relu((h - mean[:, None, None]) / torch.sqrt(var[:, None, None] + 1e-3) + params[f"bn{i}.bias"][:, None, None])
     want = h.mean(dim=(2, 3)) @ params["head.weight"].T + params["head.bias"]
-    torch.testing.assert_close(maml.conv4_forward(params, x, learner.arch), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gradient.conv4_forward(params, x, learner.arch), want, rtol=1e-12, atol=1e-12)
 
 
 def test_conv_biases_would_change_nothing():

@@ -371,11 +371,13 @@ def test_help_does_not_import_torch(argv):
     assert "Usage:" in result.stdout
 
 
-# -- the installed first-party plugins (need `pip install -e .` and plugins/maml.py, plugins/finetune.py) ---
+# -- the installed first-party plugins (need `pip install -e .` and the modules of plugins/) ---------------
 def test_installed_first_party_plugins_load(monkeypatch):
     monkeypatch.delenv("BENCH_DISABLE_PLUGINS", raising=False)
     report = {r["name"]: r for r in plugin_report()}
-    for name, learners in {"maml": {"maml", "fomaml"}, "finetune": {"finetune"}}.items():
+    first_party = {"maml": {"maml", "fomaml"}, "finetune": {"finetune"}, "reptile": {"reptile"}, "anil": {"anil"},
+                   "metasgd": {"metasgd"}, "mamlpp": {"mamlpp"}}
+    for name, learners in first_party.items():
         assert name in report, f"entry point {name!r} missing: run `pip install -e .`"
         assert report[name]["status"] == "loaded", report[name]["error"]
         assert report[name]["distribution"] == "metabench"

@@ -12,6 +12,10 @@ feature, then a linear head. The papers differ in a few details, which ``Conv4Ar
 * ``bn_scale``: whether batch norm has a learned per-channel scale (gamma); the MAML reference code's
   ``tf.contrib.layers.batch_norm`` keeps its default ``scale=False`` (offset only). ``bn_eps``: 1e-5 in
   PyTorch, 1e-3 in that TensorFlow layer.
+* ``activation``: ``"relu"``, or ``"leaky_relu"`` (slope 0.01, PyTorch's default; MAML++'s network).
+* ``features``: ``"mean"`` averages the last block's map into a C-dimensional feature (MAML's Omniglot
+  head); ``"flatten"`` keeps every position, C x 2 x 2 = 256 values for the stride-2 network (Reptile's
+  ``tf.reshape`` before its dense layer). With max-pooling the map is 1x1 and both are the same.
 
 Writing the network as functions of a ``dict[str, Tensor]`` rather than an ``nn.Module`` lets MAML take
 gradients with respect to the dict and ``vmap`` over tasks without cloning modules, and lets baselines pair
@@ -29,7 +33,7 @@ Parameter names (shapes with ``C`` channels, ``I`` input channels, ``N`` classes
     conv{i}.weight [C, I or C, 3, 3]   (i = 1..4; no conv bias: batch norm subtracts it away exactly)
     bn{i}.weight   [C]  (scale, init 1; absent when ``bn_scale`` is false)
     bn{i}.bias     [C]  (shift, init 0)
-    head.weight    [N, C]
+    head.weight    [N, D]  (D = C, or C x 2 x 2 with ``features="flatten"`` on the stride-2 network)
     head.bias      [N]
 """
 
@@ -61,6 +65,18 @@ class Conv4Arch:
     padding: Literal["symmetric", "same"] = "symmetric"
     bn_scale: bool = True
     bn_eps: float = BN_EPS
+    activation: Literal["relu", "leaky_relu"] = "relu"
+    features: Literal["mean", "flatten"] = "mean"
+
+    def positions(self, image_size: int = 28) -> int:
+        """Values per channel in the feature the head sees: 1 for ``mean``, the last map's area for ``flatten``
+        (so D = C x positions)."""
+        if self.features == "mean":
+            return 1
+        size = image_size
+        for _ in range(DEPTH):
+            size = -(-size // 2) if self.downsample == "stride" else size // 2
+        return size * size
 
 
 #: The network metabench used before it followed the MAML reference code (PyTorch conventions).
@@ -112,7 +128,7 @@ def init_conv4(
         if arch.bn_scale:
             params[f"bn{i}.weight"] = torch.ones(channels, dtype=torch.float64)
         params[f"bn{i}.bias"] = torch.zeros(channels, dtype=torch.float64)
-    params.update(init_linear_head(generator, channels, num_classes, head_init))
+    params.update(init_linear_head(generator, channels * arch.positions(), num_classes, head_init))
     return {k: v.to(device=device, dtype=dtype) for k, v in params.items()}
 
 
@@ -197,7 +213,8 @@ def conv4_features(params: Params, x: torch.Tensor, arch: Conv4Arch = TORCH_STYL
         track: update these running statistics in place from the batch (training).
 
     Returns:
-        [B, C]: the fourth block's activations, averaged over its spatial map.
+        [B, D]: the fourth block's activations, averaged over its spatial map (D = C) or flattened
+        (``arch.features == "flatten"``).
     """
     h = x
     for i in range(1, DEPTH + 1):
@@ -205,10 +222,11 @@ def conv4_features(params: Params, x: torch.Tensor, arch: Conv4Arch = TORCH_STYL
         if track is not None:
             _track(track, i, h, momentum)
         mean, var = (use[f"bn{i}.running_mean"], use[f"bn{i}.running_var"]) if use is not None else (None, None)
-        h = F.relu(batch_norm(h, params.get(f"bn{i}.weight"), params[f"bn{i}.bias"], arch.bn_eps, mean, var))
+        h = batch_norm(h, params.get(f"bn{i}.weight"), params[f"bn{i}.bias"], arch.bn_eps, mean, var)
+        h = F.leaky_relu(h) if arch.activation == "leaky_relu" else F.relu(h)
         if arch.downsample == "maxpool":
             h = F.max_pool2d(h, 2)
-    return h.mean(dim=(2, 3))
+    return h.flatten(1) if arch.features == "flatten" else h.mean(dim=(2, 3))
 
 
 def linear_head(params: Params, features: torch.Tensor) -> torch.Tensor:
