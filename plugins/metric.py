@@ -38,9 +38,10 @@ OMNIGLOT_CELLS = ((5, 1), (5, 5), (20, 1), (20, 5))
 
 
 def table_anchors(learner: str, means: tuple[float, ...], cis: tuple[float | None, ...], ci_kind: str, source: str,
-                  verified: bool) -> tuple[Anchor, ...]:
-    """One published number per cell of ``OMNIGLOT_CELLS`` (``means`` and ``cis`` in that order)."""
-    return tuple(Anchor(learner, way, shot, mean, ci, ci_kind, source, verified=verified)
+                  verified: bool, protocol: str = "") -> tuple[Anchor, ...]:
+    """One published number per cell of ``OMNIGLOT_CELLS`` (``means`` and ``cis`` in that order); ``protocol``:
+    see :class:`benchmark.papers.Anchor` (set, the numbers are shown but never judged against ours)."""
+    return tuple(Anchor(learner, way, shot, mean, ci, ci_kind, source, verified=verified, protocol=protocol)
                  for (way, shot), mean, ci in zip(OMNIGLOT_CELLS, means, cis, strict=True))
 
 

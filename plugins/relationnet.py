@@ -200,8 +200,10 @@ SUNG2018 = Paper(
     cells=OMNIGLOT_CELLS,
     preset=sung2018_preset,
     selection="best-val",
+    # Not judged: a checkpoint chosen on the test episodes (one_shot.py:206-253) is an optimistic estimate of
+    # its own test accuracy, so an interval check against our validation-selected run would be unfair to ours.
     anchors=table_anchors("relationnet", (99.6, 99.8, 97.6, 99.1), (0.2, 0.1, 0.2, 0.1), _CI_KIND, _SUNG,
-                          verified=False),
+                          verified=False, protocol="checkpoint selected on the test split by the released code"),
     notes=("The published numbers come from checkpoints the released code selected on the test split, with "
            "transductive batch norm and a random character split; ours select on validation and use the Vinyals "
            "split, so a published number above ours may partly be that selection."),
