@@ -254,6 +254,7 @@ def coverage_report(hits: dict[str, dict[float, int]], simulations: int) -> tupl
 
 
 def assert_in_band(rates: dict[str, dict[float, float]], text: str) -> None:
+    print(f"coverage {text}")  # the README's coverage table: python -m pytest tests/test_stats.py -k cover -s
     outside = [(what, s, r) for what, row in rates.items() for s, r in row.items() if not BAND[0] <= r <= BAND[1]]
     assert not outside, f"coverage outside {BAND}: {outside} (all: {text})"
 

@@ -89,16 +89,10 @@ def sweep(sweep_file, learners, cells, seeds, overrides, preset, device, data_di
     runs beside the old. --out/sweep.json records every planned run and the metabench version; logs are in
     --out/logs/ (local) or --out/slurm/<submission>/ (slurm). The table: `bench table OUT`, or --table.
     """
-    from benchmark.errors import BenchError
-
     if show_status:
         _print_status(out, as_json)
         return
-    if write_table and executor == "slurm" and not wait and not dry_run:
-        raise BenchError("--table with --executor slurm needs --wait (the runs end later); or run `bench table` "
-                         "when --status says they are finished")
-    if time_limit and executor == "slurm":
-        raise BenchError("--time-limit is for the local executor; on Slurm, --time sets each job's limit")
+    _check_executor_options(executor, write_table, wait, dry_run, time_limit)
     from benchmark.harness.settings import parse_duration
     from benchmark.harness.sweep.grid import build_grid, load_sweep_file
 
@@ -109,31 +103,18 @@ def sweep(sweep_file, learners, cells, seeds, overrides, preset, device, data_di
                                    max_requeues, sbatch_extra) if executor == "slurm" else None
 
     from benchmark.harness.plugins import load_registry
-    from benchmark.harness.sweep.plan import SweepTarget, check_environment, plan_sweep
+    from benchmark.harness.sweep.plan import SweepTarget, plan_sweep
 
     target = SweepTarget.of(out, data_dir, plugin_files)
     runs, duplicates = plan_sweep(grid, target, load_registry(target.plugin_files))
-    if executor == "local":
-        from benchmark.harness.sweep.local import worker_devices
-
-        devices = worker_devices(device, workers, per_device)
-    else:
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):  # checked here; the nodes check that it exists
-            raise BenchError(f"unsupported device {device!r}; use auto, cpu, cuda or cuda:N")
-        devices = [device]
+    devices = _devices(executor, device, workers, per_device)
     states = {run.name: _run_state(target.out / run.name) for run in runs}
     if dry_run:
         _print_plan(out, runs, states, duplicates, devices, executor, slurm_options, as_json)
         return
-    check_environment(target, device if executor == "local" else None)
-    if executor == "slurm":
-        from benchmark.harness.sweep.slurm import check_available
-
-        check_available()
-    from benchmark.harness import rundir as R
+    _check_before_starting(target, executor, device)
     from benchmark.harness.sweep.record import add_sweep
 
-    R.check_writable(target.out)
     new = add_sweep(target.out, runs, command=shlex.join(["bench", *sys.argv[1:]]), executor=executor,
                     grid=grid.describe())
     done = sum(state == "done" for state in states.values())
@@ -151,6 +132,43 @@ def sweep(sweep_file, learners, cells, seeds, overrides, preset, device, data_di
 
 
 # -- planning -------------------------------------------------------------------------------------------------
+def _check_executor_options(executor: str, write_table: bool, wait: bool, dry_run: bool, time_limit: str | None) -> None:
+    """Refuse options that do not go with the executor."""
+    from benchmark.errors import BenchError
+
+    if write_table and executor == "slurm" and not wait and not dry_run:
+        raise BenchError("--table with --executor slurm needs --wait (the runs end later); or run `bench table` "
+                         "when --status says they are finished")
+    if time_limit and executor == "slurm":
+        raise BenchError("--time-limit is for the local executor; on Slurm, --time sets each job's limit")
+
+
+def _devices(executor: str, device: str, workers: int | None, per_device: int) -> list[str]:
+    """The device of each local worker slot; on Slurm, the one device every run asks its node for."""
+    from benchmark.errors import BenchError
+
+    if executor == "local":
+        from benchmark.harness.sweep.local import worker_devices
+
+        return worker_devices(device, workers, per_device)
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):  # checked here; the nodes check that it exists
+        raise BenchError(f"unsupported device {device!r}; use auto, cpu, cuda or cuda:N")
+    return [device]
+
+
+def _check_before_starting(target, executor: str, device: str) -> None:
+    """Data, device (local), Slurm (slurm) and a writable --out, before anything is written or submitted."""
+    from benchmark.harness import rundir as R
+    from benchmark.harness.sweep.plan import check_environment
+
+    check_environment(target, device if executor == "local" else None)
+    if executor == "slurm":
+        from benchmark.harness.sweep.slurm import check_available
+
+        check_available()
+    R.check_writable(target.out)
+
+
 def _slurm_options(partition, slurm_time, cpus_per_run, gpus_per_run, mem, max_parallel, signal_delay, max_requeues,
                    sbatch_extra):
     from benchmark.errors import BenchError

@@ -358,16 +358,8 @@ def _delta_coverage_notes(seed_counts: set[tuple[int, int]]) -> list[str]:
     return notes
 
 
-def build_table(runs: pd.DataFrame, reference: str | None = None, warn: Warn = _stderr) -> Table:
-    """Group runs into rows and (way, shot) columns and compute every cell's statistics.
-
-    :param runs: the output of :func:`load_runs`; a ``row`` column, when present, is kept as the row labels
-        (figures tabulate a subset of a folder's runs under the labels of the whole folder).
-    :param reference: a learner name (or an exact row label) to compare every row against.
-    :raises BenchError: unknown reference, or two disagreeing runs of the same seed.
-    """
-    if "row" not in runs.columns:
-        runs = runs.assign(row=row_labels(runs))
+def _cells(runs: pd.DataFrame, warn: Warn) -> dict[tuple[str, tuple[int, int]], Cell]:
+    """One :class:`Cell` per (row label, (way, shot)), its seeds pooled (``runs`` has a ``row`` column)."""
     cells: dict[tuple[str, tuple[int, int]], Cell] = {}
     for (row, way, shot), group in runs.groupby(["row", "way", "shot"], sort=False):
         group = dedupe_seeds(group, str(row), warn)
@@ -386,7 +378,62 @@ def build_table(runs: pd.DataFrame, reference: str | None = None, warn: Warn = _
             bounds=accuracy_bounds(result, _queries_per_episode(group, int(way))),
             plugin={k: ";".join(sorted({str(v) for v in group[k] if v is not None})) for k in PLUGIN_COLUMNS},
         )
+    return cells
 
+
+def _pair_with_reference(cells: dict[tuple[str, tuple[int, int]], Cell], reference: str) -> list[str]:
+    """Set every other row's paired difference to ``reference`` in place; returns the Δ footnotes."""
+    seed_counts: set[tuple[int, int]] = set()  # (row's seeds, reference's seeds) of every Δ shown
+    for (row, column), cell in cells.items():
+        base = cells.get((reference, column))
+        if row == reference or base is None:
+            continue
+        cell.paired = set(cell.manifests) == set(base.manifests)
+        if cell.paired:
+            cell.diff = seeds_difference(cell.runs, base.runs)
+            seed_counts.add((cell.seeds, base.seeds))
+    footnotes = [
+        f"Δ: paired difference to {reference} (this row minus {reference}) on identical test episodes "
+        "(same manifest hash): mean of the per-episode differences ± 95% CI."
+    ]
+    footnotes += _delta_coverage_notes(seed_counts)
+    if any(c.paired is False for c in cells.values()):
+        footnotes.append(
+            f"{NOT_PAIRED}: not paired: this run and the {reference} run were scored on different test "
+            "episodes (different manifest hashes), so no difference is reported."
+        )
+    return footnotes
+
+
+def _place_facts(cells: dict[tuple[str, tuple[int, int]], Cell], rows: list[str]
+                 ) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
+    """Protocol facts: ``(fixed, per_row)``: in the caption when every run agrees, else one column per fact
+    with each row's values summarized over its cells."""
+    fixed: dict[str, str] = {}
+    per_row: dict[str, dict[str, str]] = {}
+    for label, key in fact_columns(c.facts for c in cells.values()):
+        values = {c.facts.get(key, MISSING) for c in cells.values()}
+        if len(values) == 1:
+            fixed[label] = values.pop()
+            continue
+        per_row[label] = {
+            row: _summarize_facts({col: c.facts.get(key, MISSING) for (r, col), c in cells.items() if r == row})
+            for row in rows
+        }
+    return fixed, per_row
+
+
+def build_table(runs: pd.DataFrame, reference: str | None = None, warn: Warn = _stderr) -> Table:
+    """Group runs into rows and (way, shot) columns and compute every cell's statistics.
+
+    :param runs: the output of :func:`load_runs`; a ``row`` column, when present, is kept as the row labels
+        (figures tabulate a subset of a folder's runs under the labels of the whole folder).
+    :param reference: a learner name (or an exact row label) to compare every row against.
+    :raises BenchError: unknown reference, or two disagreeing runs of the same seed.
+    """
+    if "row" not in runs.columns:
+        runs = runs.assign(row=row_labels(runs))
+    cells = _cells(runs, warn)
     learners = {c.row: c.learner for c in cells.values()}
     rows = sorted(learners, key=lambda r: (learners[r], r))
     columns = sorted({key[1] for key in cells})
@@ -395,25 +442,7 @@ def build_table(runs: pd.DataFrame, reference: str | None = None, warn: Warn = _
         reference = _resolve_reference(reference, rows, learners)
         rows.remove(reference)
         rows.insert(0, reference)
-        seed_counts: set[tuple[int, int]] = set()  # (row's seeds, reference's seeds) of every Δ shown
-        for (row, column), cell in cells.items():
-            base = cells.get((reference, column))
-            if row == reference or base is None:
-                continue
-            cell.paired = set(cell.manifests) == set(base.manifests)
-            if cell.paired:
-                cell.diff = seeds_difference(cell.runs, base.runs)
-                seed_counts.add((cell.seeds, base.seeds))
-        footnotes.append(
-            f"Δ: paired difference to {reference} (this row minus {reference}) on identical test episodes "
-            "(same manifest hash): mean of the per-episode differences ± 95% CI."
-        )
-        footnotes += _delta_coverage_notes(seed_counts)
-        if any(c.paired is False for c in cells.values()):
-            footnotes.append(
-                f"{NOT_PAIRED}: not paired: this run and the {reference} run were scored on different test "
-                "episodes (different manifest hashes), so no difference is reported."
-            )
+        footnotes += _pair_with_reference(cells, reference)
     reduced_rows = sorted(set(runs.loc[runs["reduced"].astype(bool), "row"]))
     if reduced_rows:
         footnotes.append(
@@ -427,22 +456,10 @@ def build_table(runs: pd.DataFrame, reference: str | None = None, warn: Warn = _
             f"{MISSING}: no finished run for this cell (in a Δ column: for this row or the reference); "
             "in a protocol column: not reported by the learner."
         )
-
-    # Protocol facts: in the caption when every run agrees, else one column per fact.
-    fixed: dict[str, str] = {}
-    notes: dict[str, dict[str, str]] = {}
-    for label, key in fact_columns(c.facts for c in cells.values()):
-        values = {c.facts.get(key, MISSING) for c in cells.values()}
-        if len(values) == 1:
-            fixed[label] = values.pop()
-            continue
-        notes[label] = {
-            row: _summarize_facts({col: c.facts.get(key, MISSING) for (r, col), c in cells.items() if r == row})
-            for row in rows
-        }
+    fixed, per_row = _place_facts(cells, rows)
     if any(c.bounds.rule != "normal" for c in cells.values()):
         footnotes.append(EDGE_NOTE)
-    return Table(rows, columns, cells, notes, _caption(cells.values(), fixed), footnotes, reference)
+    return Table(rows, columns, cells, per_row, _caption(cells.values(), fixed), footnotes, reference)
 
 
 # --------------------------------------------------------------------------------------------------------
