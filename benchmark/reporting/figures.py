@@ -232,8 +232,9 @@ def _forest(ax: Any, table: Table, column: tuple[int, int], y: dict[str, float],
 
 # -- accuracy against compute ----------------------------------------------------------------------------------
 def compute_chart(points: pd.DataFrame, palette: Palette, size: PaperSize) -> Drawn:
-    """Per cell: each run's test accuracy (95% CI) against the wall time it took on its device; marker
-    shape by device, colour by row; log time axis when the times span more than a factor of ten."""
+    """Per cell: each run's test accuracy (95% CI) against the wall time it took on its device; colour by row,
+    marker shape by device when the runs ran on several devices, else the row's own marker (which tells rows
+    apart past the seventh colour); log time axis when the times span more than a factor of ten."""
     cells = _cells(points)
     devices = list(dict.fromkeys(f"{n} ({d})" for n, d in zip(points["device_name"], points["device"])))
     device_marker = {d: style.MARKERS[i % len(style.MARKERS)] for i, d in enumerate(devices)}
@@ -250,9 +251,10 @@ def compute_chart(points: pd.DataFrame, palette: Palette, size: PaperSize) -> Dr
             data = points[(points["way"] == way) & (points["shot"] == shot)]
             for _, p in data.iterrows():
                 device = f"{p['device_name']} ({p['device']})"
+                marker = device_marker[device] if len(devices) > 1 else palette[p["row"]].marker
                 ax.errorbar([p["wall_time_s"] / per], [p["mean"]],
                             yerr=[[p["mean"] - p["ci_low"]], [p["ci_high"] - p["mean"]]],
-                            fmt=device_marker[device], color=palette[p["row"]].color, markersize=4)
+                            fmt=marker, color=palette[p["row"]].color, markersize=4)
             if _spans_decades(data["wall_time_s"]):
                 _log_axis(ax.xaxis)
             else:
@@ -261,7 +263,7 @@ def compute_chart(points: pd.DataFrame, palette: Palette, size: PaperSize) -> Dr
             ax.set_xlabel(xlabel)
             ax.set_ylabel("test accuracy (%), 95% CI")
         rows = sorted(points["row"].unique())
-        style.legend_on_top(fig, *_row_handles(rows, palette, marker=False), size)
+        style.legend_on_top(fig, *_row_handles(rows, palette, marker=len(devices) == 1), size)
         if len(devices) == 1:
             where = f"device: {devices[0]}"
         else:
