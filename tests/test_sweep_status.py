@@ -126,3 +126,29 @@ def test_exit_codes_and_slurm_ids():
     assert unfold("12_[4-6,9%2]") == ["12_4", "12_5", "12_6", "12_9"]
     assert unfold("12_3") == ["12_3"] and unfold("15") == ["15"]
     assert S.format_duration(3725) == "1h02m" and S.format_duration(200) == "3m20s" and S.format_duration(4) == "4s"
+
+
+def test_slurm_submits_no_run_that_ended_or_is_in_flight_since_the_sweep_planned_it(tmp_path, monkeypatch, capsys):
+    """The plan is made before the cluster is asked; a run that finished in between (its job ended) must not be
+    submitted again, nor one whose job is queued or running. Only the new run goes."""
+    from types import SimpleNamespace
+
+    import benchmark.harness.sweep.slurm as slurm
+    import benchmark.harness.sweep.status as status
+    from benchmark.cli import sweep as cli_sweep
+
+    states = {"done-meanwhile": (status.FINISHED, "1_0"), "queued": (status.QUEUED, "1_1"),
+              "running": (status.RUNNING, "1_2"), "new": (status.QUEUED, None)}
+    monkeypatch.setattr(status, "sweep_status", lambda out, names: [
+        status.RunStatus(name=n, label=n, state=states[n][0], detail="", job=states[n][1]) for n in names])
+    submitted = []
+
+    def submit(runs, out, options, device):
+        submitted.extend(run.name for run in runs)
+        return tmp_path / "slurm" / "x", {run.name: f"2_{i}" for i, run in enumerate(runs)}
+
+    monkeypatch.setattr(slurm, "submit", submit)
+    (tmp_path / "slurm" / "x").mkdir(parents=True)
+    runs = [SimpleNamespace(name=n, label=n) for n in states]
+    cli_sweep._run_slurm(tmp_path, runs, options=None, device="cpu", wait=False, info=lambda m: None)
+    assert submitted == ["new"]

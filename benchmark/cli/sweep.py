@@ -267,15 +267,17 @@ def _outcome(out: Path, run, code: int, log: Path) -> str:
 def _run_slurm(out: Path, todo, options, device: str, wait: bool, info) -> None:
     from benchmark.harness.sweep.record import now, set_jobs
     from benchmark.harness.sweep.slurm import submit
-    from benchmark.harness.sweep.status import QUEUED, RUNNING, sweep_status
+    from benchmark.harness.sweep.status import FINISHED, QUEUED, RUNNING, sweep_status
 
-    # A run whose job still waits or runs, or that a process works on (a held lock), is not submitted again.
-    in_flight = {s.name for s in sweep_status(out, names=[run.name for run in todo])
-                 if s.state == RUNNING or (s.state == QUEUED and s.job not in (None, "local"))}
+    # A run whose job still waits or runs, or that a process works on (a held lock), is not submitted again;
+    # nor is one that finished since the sweep planned it (its job ended in between).
+    statuses = sweep_status(out, names=[run.name for run in todo])
+    in_flight = {s.name for s in statuses if s.state == RUNNING or (s.state == QUEUED and s.job not in (None, "local"))}
+    finished = {s.name for s in statuses if s.state == FINISHED}
     for run in todo:
         if run.name in in_flight:
             info(f"note: {run.label}: it is queued or running already; not submitted again")
-    todo = [run for run in todo if run.name not in in_flight]
+    todo = [run for run in todo if run.name not in in_flight | finished]
     if todo:
         folder, jobs = submit(todo, out, options, device)
         rel = str(folder.relative_to(out))
