@@ -34,10 +34,14 @@ from plugins.gradient_reference import reference_adapted_logits, reference_meta_
 
 GradientFn = Callable[..., tuple[Params, torch.Tensor, torch.Tensor]]
 
+#: On the CPU, vmap wins only while a task is small; above this the loop's fused native batch norm wins
+#: (`bench perf --ablation` measures both; the README's performance section has the figures).
+CPU_VMAP_MAX_IMAGES_PER_TASK = 20
+
 
 # -- config fields every learner here declares the same way --------------------------------------------------
-def vectorize_option(default_rule: str = "vmap on CUDA, the loop on the CPU (where bench perf measures the loop "
-                                         "faster)") -> Any:
+def vectorize_option(default_rule: str = "vmap on CUDA, and on the CPU for tasks of at most 20 images (larger "
+                                         "ones run faster in the loop)") -> Any:
     return option(None, f"true: vmap over tasks; false: the per-task loop; none (default): {default_rule}")
 
 
@@ -56,9 +60,10 @@ def eval_batch_size_option() -> Any:
 
 
 def vmap_is_faster(context: RunContext) -> bool:
-    """The default of ``vectorize``: vmap on CUDA, where batched kernels win; on the CPU the per-task loop, whose
-    native fused batch norm beat vmap in ``bench perf`` for every learner here (the README has the figures)."""
-    return context.device.type == "cuda"
+    """The default of ``vectorize``: vmap on CUDA (batched kernels win by far), on the CPU only for small tasks."""
+    if context.device.type == "cuda":
+        return True
+    return context.way * (context.shot + context.query) <= CPU_VMAP_MAX_IMAGES_PER_TASK
 
 
 def validate_switches(config: Any, context: RunContext, vectorized: bool, graphed: bool) -> None:

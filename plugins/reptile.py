@@ -87,8 +87,7 @@ class ReptileConfig:
         "carried state; the state carried on has seen all tasks' gradients in order; vectorizable) or chained "
         "(each task starts from the previous one's, as the released code; loop only)"))
     eval_batch_size: int = eval_batch_size_option()
-    vectorize: bool | None = vectorize_option(
-        "vmap on CUDA unless adam_carry=chained, the loop on the CPU (faster there in bench perf)")
+    vectorize: bool | None = vectorize_option("vmap unless adam_carry=chained")
     cuda_graph: bool | None = cuda_graph_option()
 
 
@@ -169,8 +168,7 @@ class Reptile(SpeedVariants, AdaptedPrediction, Learner):
         #: Meta-iterations done, on the device so that a captured step can anneal epsilon from it.
         self.iteration = torch.zeros((), dtype=dtype, device=device)
         self._minibatch_generator = context.generator("reptile-minibatches")
-        # vmap needs the merged carry; on the CPU the loop is faster (bench perf), as for the MAML family.
-        default_vmap = config.adam_carry == "merged" and device.type == "cuda"
+        default_vmap = config.adam_carry == "merged"
         self.vectorized = config.vectorize if config.vectorize is not None else default_vmap
         self.graphed = config.cuda_graph if config.cuda_graph is not None else device.type == "cuda"
         validate_switches(config, context, self.vectorized, self.graphed)

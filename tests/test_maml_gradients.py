@@ -152,12 +152,12 @@ def test_defaults_follow_the_paper():
     learner = maml.FOMAML(maml.FOMAML.default_config(5, 1), ctx)
     assert learner.describe() == {"order": "first", "inner steps (train/test)": "1/3", "batch norm": "transductive"}
     assert learner.implementation() == {"tasks": "loop", "cuda graph": False, "compiled": False}
-    # vmap by default on CUDA only (the loop is faster on the CPU); bench perf's reference is always the loop.
+    # vmap by default on CUDA and for small CPU tasks; bench perf's reference is always the plain loop.
     reference = maml.MAML.reference_config(five)
     assert (reference.vectorize, reference.cuda_graph, reference.compile) == (False, False, False)
     assert five.vectorize is None and five.cuda_graph is None and five.compile is False
     small = RunContext(way=5, shot=1, query=1, device=torch.device("cpu"))
-    assert maml.MAML(five, small).implementation()["tasks"] == "loop"
+    assert maml.MAML(five, small).implementation()["tasks"] == "vmap"
 
 
 def test_predict_leaves_meta_parameters_unchanged(setup64):

@@ -28,7 +28,7 @@ def test_perf_times_shipped_and_reference_in_one_report(omniglot_dir, capsys):
 
 @pytest.mark.realdata
 def test_perf_ablation_times_each_variant_or_says_why_not(omniglot_dir, capsys):
-    # On the CPU the shipped fomaml runs the loop: with vectorize=false it equals the reference, and vmap is a variant.
+    # 5-way 1-shot 1-query: the shipped fomaml runs vmap on the CPU, so plain "vmap" duplicates it.
     assert main(["perf", "--learner", "fomaml", "--device", "cpu", "--iterations", "2", "--warmup", "0",
                  "--eval-episodes", "0", "-o", "meta_batch_size=2", "-o", "vectorize=false", "--ablation",
                  "--data-dir", str(omniglot_dir), "--json"]) == 0
@@ -41,8 +41,8 @@ def test_perf_ablation_times_each_variant_or_says_why_not(omniglot_dir, capsys):
                  "--eval-episodes", "0", "-o", "meta_batch_size=2", "--ablation", "--no-reference",
                  "--data-dir", str(omniglot_dir), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert [t["variant"] for t in report["training"]] == ["shipped", "vmap"] and "speedup" not in report
-    assert "vmap" not in report["skipped_variants"]
+    assert [t["variant"] for t in report["training"]] == ["shipped"] and "speedup" not in report
+    assert report["skipped_variants"]["vmap"] == "the same as shipped on this device"
 
 
 @pytest.mark.realdata
