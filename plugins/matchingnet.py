@@ -25,8 +25,9 @@ import torch.nn.functional as F
 
 from benchmark import hookimpl
 from benchmark.config import option
-from benchmark.papers import Paper, Preset, Quick
-from plugins.metric import OMNIGLOT_CELLS, EmbeddingLearner, MetricConfig, class_sums, table_anchors
+from benchmark.papers import Paper, Preset
+from plugins.metric import (OMNIGLOT_CELLS, METRIC_QUICK, EmbeddingLearner, MetricConfig, class_sums,
+                            table_anchors)
 
 
 def cosine_similarities(queries: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
@@ -138,9 +139,7 @@ VINYALS2016 = Paper(
            "protocol of the preset are ours (see the preset notes in each run's config.json). The published "
            "row is the cosine, no-fine-tuning one, verified in Snell et al.'s reproduction of the table, not "
            "in the primary text."),
-    quick=Quick(cells=((5, 1),), settings={"iterations": 300, "val_every": 100, "val_episodes": 50,
-                                           "checkpoint_every": 100, "episodes": 200},
-                description="300 iterations, validation every 100 on 50 episodes, 200 test episodes"),
+    quick=METRIC_QUICK,
 )
 
 

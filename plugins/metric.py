@@ -28,13 +28,18 @@ import torch.nn.functional as F
 from benchmark.config import option
 from benchmark.episodes import EpisodeBatch
 from benchmark.learner import Episodes, Learner, RunContext
-from benchmark.papers import Anchor
+from benchmark.papers import Anchor, Quick
 from benchmark.toolkit.conv4 import load_training_state, training_state
 from benchmark.toolkit.convblocks import Params, blocks_forward, conv4_pool, init_blocks
 
 
 #: The test cells of the papers' Omniglot tables, in their column order.
 OMNIGLOT_CELLS = ((5, 1), (5, 5), (20, 1), (20, 5))
+
+#: The metric papers' ``--quick`` CPU protocol (a paper adds its own training-episode settings on top).
+METRIC_QUICK = Quick(cells=((5, 1),), settings={"iterations": 300, "val_every": 100, "val_episodes": 50,
+                                               "checkpoint_every": 100, "episodes": 200},
+                     description="300 iterations, validation every 100 on 50 episodes, 200 test episodes")
 
 
 def table_anchors(learner: str, means: tuple[float, ...], cis: tuple[float | None, ...], ci_kind: str, source: str,

@@ -16,6 +16,7 @@ settings (``--train-way 60 --train-query 5``, or ``--preset snell2017``).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -23,8 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from benchmark import hookimpl
-from benchmark.papers import Paper, Preset, Quick
-from plugins.metric import OMNIGLOT_CELLS, EmbeddingLearner, MetricConfig, class_means, table_anchors
+from benchmark.papers import Paper, Preset
+from plugins.metric import (OMNIGLOT_CELLS, METRIC_QUICK, EmbeddingLearner, MetricConfig, class_means,
+                            table_anchors)
 
 def squared_distances(queries: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
     """[T, M, D] and [T, N, D] -> [T, M, N] squared Euclidean distances, summed differences (no expansion
@@ -119,10 +121,9 @@ SNELL2017 = Paper(
     notes=("The paper prints no ± for Omniglot, so no cell is judged. Its model was early-stopped on validation "
            "loss and retrained on train+val; ours is the best-validation-accuracy checkpoint of a fixed budget "
            "on the train split (see the preset notes in each run's config.json)."),
-    quick=Quick(cells=((5, 1),), settings={"train_way": 20, "iterations": 300, "val_every": 100,
-                                           "val_episodes": 50, "checkpoint_every": 100, "episodes": 200},
-                description="300 iterations of 20-way training episodes, validation every 100 on 50 episodes, "
-                            "200 test episodes"),
+    quick=dataclasses.replace(METRIC_QUICK, settings={**METRIC_QUICK.settings, "train_way": 20},
+                              description="300 iterations of 20-way training episodes, validation every 100 on "
+                                          "50 episodes, 200 test episodes"),
 )
 
 

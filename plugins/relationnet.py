@@ -35,9 +35,9 @@ import torch.nn.functional as F
 
 from benchmark import hookimpl
 from benchmark.config import option
-from benchmark.papers import Paper, Preset, Quick
+from benchmark.papers import Paper, Preset
 from benchmark.toolkit.convblocks import ConvBlock, Params, blocks_forward, init_blocks
-from plugins.metric import OMNIGLOT_CELLS, MetricConfig, MetricLearner, class_sums, table_anchors
+from plugins.metric import OMNIGLOT_CELLS, METRIC_QUICK, MetricConfig, MetricLearner, class_sums, table_anchors
 
 #: RN-code ``omniglot/omniglot_train_one_shot.py:47-76`` (CNNEncoder).
 EMBEDDING = (ConvBlock(1, 64, padding=0, pool=True), ConvBlock(64, 64, padding=0, pool=True),
@@ -207,9 +207,7 @@ SUNG2018 = Paper(
     notes=("The published numbers come from checkpoints the released code selected on the test split, with "
            "transductive batch norm and a random character split; ours select on validation and use the Vinyals "
            "split, so a published number above ours may partly be that selection."),
-    quick=Quick(cells=((5, 1),), settings={"iterations": 300, "val_every": 100, "val_episodes": 50,
-                                           "checkpoint_every": 100, "episodes": 200},
-                description="300 iterations, validation every 100 on 50 episodes, 200 test episodes"),
+    quick=METRIC_QUICK,
 )
 
 
