@@ -405,13 +405,13 @@ def _pair_with_reference(cells: dict[tuple[str, tuple[int, int]], Cell], referen
     return footnotes
 
 
-def _place_facts(cells: dict[tuple[str, tuple[int, int]], Cell], rows: list[str]
+def _place_facts(cells: dict[tuple[str, tuple[int, int]], Cell], rows: list[str], facts: list[tuple[str, str]]
                  ) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
-    """Protocol facts: ``(fixed, per_row)``: in the caption when every run agrees, else one column per fact
-    with each row's values summarized over its cells."""
+    """Protocol facts (``facts``: :func:`fact_columns` of the cells): ``(fixed, per_row)``: in the caption when
+    every run agrees, else one column per fact with each row's values summarized over its cells."""
     fixed: dict[str, str] = {}
     per_row: dict[str, dict[str, str]] = {}
-    for label, key in fact_columns(c.facts for c in cells.values()):
+    for label, key in facts:
         values = {c.facts.get(key, MISSING) for c in cells.values()}
         if len(values) == 1:
             fixed[label] = values.pop()
@@ -449,14 +449,14 @@ def build_table(runs: pd.DataFrame, reference: str | None = None, warn: Warn = _
             f"Reduced protocol: {', '.join(reduced_rows)} ran fewer meta-iterations than their preset; do not "
             "compare them with the paper's numbers."
         )
-    keys = [key for _, key in fact_columns(c.facts for c in cells.values())]
-    fact_missing = any(c.facts.get(key, MISSING) == MISSING for c in cells.values() for key in keys)
+    facts = fact_columns(c.facts for c in cells.values())
+    fact_missing = any(c.facts.get(key, MISSING) == MISSING for c in cells.values() for _, key in facts)
     if fact_missing or any((row, column) not in cells for row in rows for column in columns):
         footnotes.append(
             f"{MISSING}: no finished run for this cell (in a Δ column: for this row or the reference); "
             "in a protocol column: not reported by the learner."
         )
-    fixed, per_row = _place_facts(cells, rows)
+    fixed, per_row = _place_facts(cells, rows, facts)
     if any(c.bounds.rule != "normal" for c in cells.values()):
         footnotes.append(EDGE_NOTE)
     return Table(rows, columns, cells, per_row, _caption(cells.values(), fixed), footnotes, reference)
