@@ -277,7 +277,8 @@ def _run_slurm(out: Path, todo, options, device: str, wait: bool, info) -> None:
     for run in todo:
         if run.name in in_flight:
             info(f"note: {run.label}: it is queued or running already; not submitted again")
-    todo = [run for run in todo if run.name not in in_flight | finished]
+    skipped = in_flight | finished
+    todo = [run for run in todo if run.name not in skipped]
     if todo:
         folder, jobs = submit(todo, out, options, device)
         rel = str(folder.relative_to(out))
