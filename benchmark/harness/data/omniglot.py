@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import multiprocessing
 import os
 import re
 import zipfile
@@ -192,12 +193,23 @@ def _chunks(jobs: list, workers: int) -> list[tuple[str, str, list[str]]]:
     return grouped
 
 
+def _worker_context():
+    """Start decode workers from a fresh server process, not by forking this one.
+
+    By the time data loads, torch and other libraries may have started threads; forking a multi-threaded
+    process can deadlock the child (Python 3.12 warns about it). This module imports nothing heavy at the
+    top, so a forkserver (or spawned) worker starts cheaply.
+    """
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+
+
 def _decode_chunks(grouped: list, workers: int) -> list:
     """Decode every chunk, in worker processes when there are several; a bad file becomes a ``DataError``."""
     try:
         if workers <= 1 or len(grouped) <= 1:
             return [a for g in grouped for a in _decode_chunk(g)]
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=_worker_context()) as pool:
             try:
                 return [a for part in pool.map(_decode_chunk, grouped) for a in part]
             except _Unreadable:
