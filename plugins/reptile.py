@@ -154,8 +154,17 @@ class Reptile(SpeedVariants, AdaptedPrediction, Learner):
         if config.adam_carry == "chained" and config.vectorize:
             raise ConfigError("adam_carry=chained runs the tasks one after another: pass -o vectorize=false, or "
                               "-o adam_carry=merged to vectorize")
-        self.dtype = dtype
         device = context.device
+        self.vectorized = config.vectorize if config.vectorize is not None else config.adam_carry == "merged"
+        # The per-task loop reads the inner Adam's step count on the host (gradient_reference.reference_adam_adapt),
+        # so only the vectorized step can be captured.
+        self.graphed = config.cuda_graph if config.cuda_graph is not None else device.type == "cuda" and self.vectorized
+        validate_switches(config, context, self.vectorized, self.graphed)
+        if self.graphed and not self.vectorized:
+            raise ConfigError("cuda_graph=true captures the vectorized step, and the per-task loop (vectorize=false) "
+                              "reads the inner Adam's step count on the host: pass -o cuda_graph=false, or "
+                              "-o vectorize=true (with adam_carry=merged)")
+        self.dtype = dtype
         self.inner = InnerLoop(config.inner_lr, config.inner_steps, config.inner_loss, True, REPTILE_ARCH, rule="adam",
                                adam=AdamSettings(config.adam_beta1, config.adam_beta2, config.adam_eps))
         self.params: Params = init_conv4(context.generator("init"), context.way, dtype=dtype, device=device,
@@ -168,10 +177,6 @@ class Reptile(SpeedVariants, AdaptedPrediction, Learner):
         #: Meta-iterations done, on the device so that a captured step can anneal epsilon from it.
         self.iteration = torch.zeros((), dtype=dtype, device=device)
         self._minibatch_generator = context.generator("reptile-minibatches")
-        default_vmap = config.adam_carry == "merged"
-        self.vectorized = config.vectorize if config.vectorize is not None else default_vmap
-        self.graphed = config.cuda_graph if config.cuda_graph is not None else device.type == "cuda"
-        validate_switches(config, context, self.vectorized, self.graphed)
         self._graph = GraphedStep(self._update, device, state=self._updated_tensors) if self.graphed else None
 
     @classmethod

@@ -242,6 +242,11 @@ def test_switches_and_defaults():
     with pytest.raises(ConfigError, match="vectorize=false"):
         reptile(adam_carry="chained", vectorize=True)
     assert reptile(adam_carry="chained").implementation()["tasks"] == "loop"
+    # On CUDA the loop is not graphed by default (it reads Adam's step count on the host), and asking for a
+    # graph of it is refused before anything is put on the device.
+    cuda = RunContext(way=5, shot=1, query=1, device=torch.device("cuda"), seed=2)
+    with pytest.raises(ConfigError, match="reads the inner Adam's step count on the host"):
+        Reptile(dataclasses.replace(Reptile.default_config(5, 1), adam_carry="chained", cuda_graph=True), cuda)
     five, twenty = Reptile.default_config(5, 1), Reptile.default_config(20, 5)
     assert (five.inner_lr, five.inner_steps, five.inner_batch, five.test_inner_steps, five.test_inner_batch) == (
         1e-3, 5, 10, 50, 5)

@@ -23,7 +23,8 @@ What a captured step must respect (and ``GraphedStep`` arranges):
 
 If capture fails (an operation that cannot be captured on this PyTorch build), or the first replay
 disagrees with the same update done eagerly (checked once per capture when the caller names the state the
-step updates), the step warns once and runs eagerly from then on: slower, never wrong.
+step updates), the step warns once and runs eagerly from then on: slower, never wrong. A failed capture's
+memory pool stays reserved for the rest of the process (see ``_end_failed_capture``).
 """
 
 from __future__ import annotations
@@ -126,16 +127,17 @@ class GraphedStep:
         self.static_inputs = [x.detach().clone() for x in inputs]
         graph = torch.cuda.CUDAGraph()
         capture_stream = self._side_stream()
+        pool = torch.cuda.graph_pool_handle()  # named, so that a failed capture can be unwound (below)
         try:
             # The outer stream context restores the current stream even when a failed capture makes
             # torch.cuda.graph's exit raise before it restores the stream itself.
-            with torch.cuda.stream(capture_stream), torch.cuda.graph(graph, stream=capture_stream), \
-                    _capturable_warning_ignored():
+            with torch.cuda.stream(capture_stream), \
+                    torch.cuda.graph(graph, pool=pool, stream=capture_stream), _capturable_warning_ignored():
                 self.static_outputs = tuple(self.step(*self.static_inputs))
         except Exception as exc:  # noqa: BLE001 - any capture failure falls back to the eager step
             # A capture invalidated by a forbidden call surfaces as capture_end's error; the cause is the context.
-            # (PyTorch keeps the graph's private memory pool after a failed capture: a one-time cost.)
             cause = exc.__context__ if exc.__context__ is not None else exc
+            _end_failed_capture(self.device, pool)
             self._give_up(f"capture failed: {type(cause).__name__}: {cause}")
             torch.cuda.synchronize(self.device)
             if check:  # capture records without executing: the state is still `before`; redo the update
@@ -163,6 +165,23 @@ class GraphedStep:
         self.graph, self.static_inputs, self.static_outputs = None, [], ()
         warnings.warn(f"CUDA graph {self.disabled_reason}; running the step eagerly from now on. "
                       "Pass -o cuda_graph=false to skip the attempt.", RuntimeWarning, stacklevel=4)
+
+
+def _end_failed_capture(device: torch.device, pool) -> None:
+    """Tell the caching allocator that the failed capture into ``pool`` is over.
+
+    Before pytorch/pytorch#180395, ``CUDAGraph.capture_end`` raised on the capture's error before it ended
+    the allocator's routing into the graph's pool, so the allocator went on believing a capture was under
+    way and the next ``torch.cuda.empty_cache()`` (``bench perf`` calls it between variants) failed an
+    internal assertion. Where capture_end already ended it, this call raises "not currently recording",
+    which is the state we want. The pool itself (about one step's memory) stays reserved until the process
+    ends: releasing it here could release it twice on versions whose graph releases it too.
+    """
+    try:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch._C._cuda_endAllocateToPool(index, pool)
+    except (RuntimeError, AttributeError):  # already ended, or a build without this private hook
+        pass
 
 
 #: The replayed step may round differently from the eager one (atomics, algorithm choice), far below this
