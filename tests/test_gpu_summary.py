@@ -33,7 +33,8 @@ def report(learner="maml", way=20, shot=1, ms=10.0, loop_ms=800.0, graph=None, d
     shipped["speedup_vs_loop"] = round(loop_ms / ms, 2)
     out = {"learner": learner, "way": way, "shot": shot, "query": shot, "device": device, "device_name": "H200",
            "torch_version": "2.11.0", "config": {"meta_batch_size": batch, "inner_steps": 5 if way == 20 else 1,
-                                                 "test_inner_steps": 10, "compile": False},
+                                                 "test_inner_steps": 5 if way == 20 else 3,
+                                                 "compile": False},
            "training": [shipped, loop], "speedup": shipped["speedup_vs_loop"]}
     out.update(extra)
     return out
@@ -96,3 +97,13 @@ def test_graph_text_covers_each_state(gs):
     assert gs.graph_text({"graph": {"captured": False, "disabled_reason": "why"}}) == "fell back: why"
     assert "after 3 eager steps" in gs.graph_text({"graph": {"captured": False, "disabled_reason": None, "warmup": 3}})
     assert "no graph field" in gs.graph_text({})
+
+
+@pytest.mark.parametrize("way", [5, 20])
+def test_the_paper_settings_are_what_bench_perf_runs(gs, way):
+    """The summary flags a report whose settings differ from PAPER_CONFIG; bench perf runs MAML's defaults,
+    so the two must agree or every sitting's summary carries a false note."""
+    from plugins.maml import MAML
+
+    config = MAML.default_config(way, 1)
+    assert {key: getattr(config, key) for key in gs.PAPER_CONFIG[way]} == gs.PAPER_CONFIG[way]
