@@ -207,7 +207,8 @@ fi
 
 PYTEST_TIMEOUT=()
 "$PY" -c 'import pytest_timeout' 2>/dev/null && PYTEST_TIMEOUT=(--timeout 120)  # one hung test cannot take the rest
-STEP_STDOUT="$OUT/pytest-gpu.txt" STEP_MERGE=1 step "CUDA tests: pytest -m gpu (inductor ones only with COMPILE=1)" 240 \
+# 150 s: about twice what the tests should take, and enough left of the budget for every perf step after it.
+STEP_STDOUT="$OUT/pytest-gpu.txt" STEP_MERGE=1 step "CUDA tests: pytest -m gpu (inductor ones only with COMPILE=1)" 150 \
   "$PY" -m pytest -m gpu -q -rfEs -p no:cacheprovider --durations=8 "${PYTEST_TIMEOUT[@]}" tests
 tail -n 25 "$OUT/pytest-gpu.txt"
 

@@ -132,3 +132,29 @@ def test_reduced_runs_are_labelled_and_never_judged(tmp_path, capsys):
     assert rows[0].mark == "not compared (reduced)" and rows[0].protocol.startswith("reduced")
     assert main(["table", str(tmp_path)]) == 0
     assert "Reduced protocol: maml ran fewer meta-iterations" in capsys.readouterr().out
+
+
+def test_perf_table_shows_reserved_memory_and_graph_pools_on_cuda(capsys):
+    """A replayed CUDA graph allocates nothing: the human table shows what each variant holds (reserved,
+    the larger of warm-up and timed steps) and its graph pool, not the near-zero allocated peak."""
+    from benchmark.cli.perf import _print
+
+    def variant(name, allocated, reserved, warmup_reserved, pool):
+        return {"variant": name, "median_ms": 10.0, "iterations_per_s": 100.0, "peak_memory_mb": allocated,
+                "peak_reserved_mb": reserved, "warmup_peak_reserved_mb": warmup_reserved, "graph_pool_mb": pool,
+                "warmup_s": 2.0, "batch_size": 16, "sampling_ms": 0.1, "sampling_share": 0.01}
+
+    report = {"learner": "maml", "way": 20, "shot": 1, "query": 1, "device_name": "H200", "device": "cuda:0",
+              "torch_version": "2.11.0", "training": [variant("shipped", 3.0, 800.0, 2345.0, 1500.0),
+                                                      variant("per-task loop", 700.0, 900.0, None, None)]}
+    _print(report, warmup=5)
+    out = capsys.readouterr().out
+    assert "reserved" in out and "graph pool" in out  # headers, wrapped at the console's width
+    shipped = [cell.strip() for cell in next(line for line in out.splitlines() if "shipped" in line).split("│")]
+    assert shipped[4:6] == ["2345", "1500"] and "3" not in shipped
+    report["device"] = "cpu"
+    for t in report["training"]:
+        t.update(peak_reserved_mb=None, warmup_peak_reserved_mb=None, graph_pool_mb=None)
+    _print(report, warmup=5)
+    out = capsys.readouterr().out
+    assert "peak" in out and "reserved" not in out and "graph pool" not in out
