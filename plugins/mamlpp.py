@@ -113,6 +113,8 @@ class MAMLPP(MetaGradientLearner):
             for group in self.optimizer.param_groups:
                 group["lr"] = torch.tensor(config.meta_lr, dtype=torch.float64, device=context.device)
         self._order_captured: bool | None = None
+        #: (weights, the same on the device) of the current epoch (``step_weights``).
+        self._step_weights: tuple[tuple[float, ...], torch.Tensor] | None = None
 
     def build_inner(self) -> InnerLoop:
         c = self.config
@@ -141,9 +143,12 @@ class MAMLPP(MetaGradientLearner):
         return self.epoch < self.config.first_order_epochs
 
     def step_weights(self) -> torch.Tensor:
-        weights = msl_weights(self.epoch, self.config.inner_steps, self.config.msl_epochs) \
-            if self.epoch < self.config.msl_epochs else [1.0]
-        return torch.tensor(weights, dtype=self.dtype, device=self.context.device)
+        weights = tuple(msl_weights(self.epoch, self.config.inner_steps, self.config.msl_epochs)
+                        if self.epoch < self.config.msl_epochs else [1.0])
+        # Made once per epoch, not per step: building it copies from host memory, which waits for the device.
+        if self._step_weights is None or self._step_weights[0] != weights:
+            self._step_weights = (weights, torch.tensor(weights, dtype=self.dtype, device=self.context.device))
+        return self._step_weights[1]
 
     def before_update(self) -> None:
         lr = cosine_lr(self.epoch, self.epochs, self.config.meta_lr, self.config.min_meta_lr)

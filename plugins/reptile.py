@@ -91,6 +91,14 @@ class ReptileConfig:
     cuda_graph: bool | None = cuda_graph_option()
 
 
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a host tensor to ``device`` without making the host wait: a copy to a GPU from ordinary (pageable)
+    memory waits for the device's queued work, a copy from pinned memory does not."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def minibatch_schedule(generators: list[torch.Generator], set_size: int, batch: int, steps: int) -> torch.Tensor:
     """Indices [T, steps, batch] of each step's minibatch, one row per generator: the released code's
     ``_mini_batches`` without replacement (shuffle, deal out batches, reshuffle when the set runs out; a batch
@@ -217,7 +225,7 @@ class Reptile(SpeedVariants, AdaptedPrediction, Learner):
         tasks, size = batch.support_x.shape[:2]
         c = self.config
         schedule = minibatch_schedule([self._minibatch_generator] * tasks, size, c.inner_batch, c.inner_steps)
-        inputs = (batch.support_x, batch.support_y, batch.query_x, batch.query_y, schedule.to(self.context.device))
+        inputs = (batch.support_x, batch.support_y, batch.query_x, batch.query_y, _to_device(schedule, self.context.device))
         loss, acc = self._graph(*inputs) if self._graph is not None else self._update(*inputs)
         return {"loss": loss, "accuracy": acc}
 
@@ -258,7 +266,7 @@ class Reptile(SpeedVariants, AdaptedPrediction, Learner):
         generators = episode_generators(self.context.generator, support_x, support_y, "reptile-test-minibatches")
         schedule = minibatch_schedule(generators, support_x.shape[1], c.test_inner_batch, c.test_inner_steps)
         support_x = support_x.to(self.dtype)
-        xs, ys = minibatches(support_x, support_y, schedule.to(support_x.device))
+        xs, ys = minibatches(support_x, support_y, _to_device(schedule, support_x.device))
         params = {k: v.detach() for k, v in self.params.items()}
         state = {"step": self.adam["step"].clone(), "m": dict(self.adam["m"]), "v": dict(self.adam["v"])}
         fn = vectorized_reptile_logits if self.vectorized else reference_reptile_logits

@@ -24,6 +24,7 @@ from plugins.anil import ANIL, RAGHU2020
 from plugins.gradient import LR_PREFIX
 from plugins.mamlpp import ANTONIOU2019, MAMLPP, cosine_lr, msl_weights
 from plugins.metasgd import LI2017, MetaSGD
+from cuda_checks import last_step_without_host_sync
 from test_maml_gradients import FLOAT32_FACTOR, RTOL32_FLOOR, RTOL64, fake_episodes, rel_error
 
 CPU = torch.device("cpu")
@@ -279,6 +280,22 @@ def test_cuda_graph_steps_equal_the_loop_float64(name):
                                        rtol=1e-10, atol=0)
     assert fast._graph.captured, fast._graph.disabled_reason
     assert rel_error(fast.params, plain.params) <= RTOL64
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(LEARNERS))
+@pytest.mark.parametrize("cuda_graph", [True, False], ids=["graph", "eager"])
+def test_a_training_step_does_not_synchronize_the_host(name, cuda_graph):
+    """After warm-up (and capture), a meta-train step queues its work and returns: no copy from pageable host
+    memory (MAML++'s step weights are made once per epoch), no value read back."""
+    cls = LEARNERS[name]
+    config = dataclasses.replace(cls.default_config(5, 1), **SMALL[name], meta_batch_size=2, vectorize=True,
+                                 cuda_graph=cuda_graph)
+    fast = cls(config, RunContext(way=5, shot=1, query=2, device=torch.device("cuda"), seed=5, iterations=100))
+    g = torch.Generator().manual_seed(14)
+    batches = [fake_episodes(g, tasks=2, query=2, dtype=torch.float32).to("cuda") for _ in range(6)]
+    metrics = last_step_without_host_sync(fast, batches)
+    assert metrics["loss"].is_cuda and (fast._graph is None or fast._graph.captured)
 
 
 # -- defaults and presets ----------------------------------------------------------------------------------

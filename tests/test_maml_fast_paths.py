@@ -43,6 +43,7 @@ from plugins import gradient, gradient_learner, gradient_reference as reference
 from benchmark.toolkit.conv4 import Conv4Arch, init_conv4
 from benchmark.errors import ConfigError
 from benchmark.learner import RunContext
+from cuda_checks import last_step_without_host_sync
 from test_maml_gradients import RTOL64, fake_episodes, rel_error
 
 CPU = torch.device("cpu")
@@ -237,14 +238,7 @@ def test_a_training_step_does_not_synchronize_the_host(cuda_graph):
     leaves the host free: metrics come back as device tensors, read later."""
     fast, _ = _learners(maml.MAML, torch.float32, cuda_graph=cuda_graph)
     batches = _batches(5)
-    for batch in batches[:-1]:
-        fast.meta_train_step(batch)
-    previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        metrics = fast.meta_train_step(batches[-1])
-    finally:
-        torch.cuda.set_sync_debug_mode(previous)
+    metrics = last_step_without_host_sync(fast, batches)
     assert metrics["loss"].is_cuda and (fast._graph is None or fast._graph.captured)
 
 

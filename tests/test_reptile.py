@@ -24,6 +24,7 @@ from plugins.reptile import (
     NICHOL2018, NICHOL2018_NT, Reptile, minibatch_schedule, minibatches, vectorized_reptile_logits,
     vectorized_reptile_tasks,
 )
+from cuda_checks import last_step_without_host_sync
 from test_maml_gradients import FLOAT32_FACTOR, RTOL32_FLOOR, RTOL64, fake_episodes, rel_error
 
 CPU = torch.device("cpu")
@@ -236,6 +237,21 @@ def test_cuda_graph_iterations_equal_the_loop_float64():
                                    rtol=1e-10, atol=0)
     assert fast._graph.captured, fast._graph.disabled_reason
     assert rel_error(fast.params, plain.params) <= RTOL64 and state_error(fast.adam, plain.adam) <= RTOL64
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cuda_graph", [True, False], ids=["graph", "eager"])
+def test_a_training_step_does_not_synchronize_the_host(cuda_graph):
+    """After warm-up (and capture), a meta-iteration queues its work and returns: the minibatch schedule,
+    drawn on the host, goes to the device from pinned memory."""
+    config = dataclasses.replace(Reptile.default_config(5, 1), meta_batch_size=3, inner_steps=3, inner_batch=4,
+                                 cuda_graph=cuda_graph)
+    ctx = RunContext(way=5, shot=1, query=1, device=torch.device("cuda"), seed=2, iterations=20, train_shot=2)
+    fast = Reptile(config, ctx)
+    g = torch.Generator().manual_seed(15)
+    batches = [fake_episodes(g, tasks=3, shot=2, query=1, dtype=torch.float32).to("cuda") for _ in range(6)]
+    metrics = last_step_without_host_sync(fast, batches)
+    assert metrics["loss"].is_cuda and (fast._graph is None or fast._graph.captured)
 
 
 def test_switches_and_defaults():
