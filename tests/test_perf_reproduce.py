@@ -158,3 +158,20 @@ def test_perf_table_shows_reserved_memory_and_graph_pools_on_cuda(capsys):
     _print(report, warmup=5)
     out = capsys.readouterr().out
     assert "peak" in out and "reserved" not in out and "graph pool" not in out
+
+
+def test_the_committed_paper_tables_are_current(tmp_path, capsys):
+    """results/PAPER/table.md and table.tex are what --table-only writes from the runs committed beside them,
+    so a change of the table's format or of a paper's anchors cannot leave a stale table in the repository."""
+    import shutil
+    from pathlib import Path
+
+    committed = sorted((Path(__file__).resolve().parents[1] / "results").glob("*/table.md"))
+    assert committed, "no committed paper table found under results/"
+    for table in committed:
+        paper, copy = table.parent.name, tmp_path / table.parent.name
+        shutil.copytree(table.parent, copy)
+        assert main(["reproduce", paper, "--table-only", "--out", str(copy), "-q"]) == 0
+        for name in ("table.md", "table.tex"):
+            assert (copy / name).read_text() == (table.parent / name).read_text(), (
+                f"results/{paper}/{name} is stale: run `bench reproduce {paper} --table-only` and commit it")
