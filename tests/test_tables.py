@@ -143,6 +143,17 @@ def test_paired_difference_ci_by_hand(tmp_path: Path) -> None:
     assert table_rows(table)["a"]["5-way 1-shot Δ"] == f"{sign}{abs(mean):.2f} ± {ci:.2f}"
 
 
+def test_a_difference_that_rounds_to_zero_is_shown_without_a_minus(tmp_path: Path) -> None:
+    b = accuracies(2)
+    a = b.copy()
+    a[0] -= 1e-12  # a rounding-level difference, like that of two runs of the same learner
+    write_run(tmp_path, "ref", b, learner="maml")
+    write_run(tmp_path, "same", a, learner="fomaml")
+    table = build_table(load_runs([tmp_path]), reference="maml")
+    assert csv_frame(table).set_index("row").loc["fomaml", "diff"] < 0
+    assert table_rows(table)["fomaml"]["5-way 1-shot Δ"] == "+0.00 ± 0.00"
+
+
 def test_runs_on_different_manifests_are_never_paired(tmp_path: Path) -> None:
     b = accuracies(5)
     write_run(tmp_path, "ref", b, learner="maml", manifest="manifest-a")

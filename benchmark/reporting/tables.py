@@ -493,8 +493,10 @@ def format_diff(table: Table, row: str, column: tuple[int, int]) -> str:
         return MISSING
     if not cell.paired or cell.diff is None:
         return NOT_PAIRED
-    sign = "+" if cell.diff.mean >= 0 else "-"
-    return f"{sign}{_pct(abs(cell.diff.mean))} ± {_pct(cell.diff.ci)}"
+    magnitude = _pct(abs(cell.diff.mean))
+    # The sign of what is shown: a difference that rounds to zero (e.g. -1e-15 between identical runs) is +0.00.
+    sign = "-" if cell.diff.mean < 0 and float(magnitude) != 0 else "+"
+    return f"{sign}{magnitude} ± {_pct(cell.diff.ci)}"
 
 
 def display_frame(table: Table) -> pd.DataFrame:
