@@ -81,7 +81,10 @@ def _note(fig: Any, text: str, size: PaperSize) -> None:
 def learning_curves(curves: pd.DataFrame, palette: Palette, size: PaperSize) -> list[Drawn]:
     """One figure per cell: loss (log scale when it spans more than a decade) and accuracy against
     iterations (top) and training time (bottom); training accuracy solid, validation accuracy dashed with markers; several seeds as their mean
-    with a band from the lowest to the highest seed."""
+    with a band from the lowest to the highest seed.
+
+    Line styles carry training against validation here, so rows that share a colour (past seven) are told
+    apart by their marker, on their training lines too, not by the palette's line style."""
     from matplotlib.lines import Line2D
 
     drawn = []
@@ -93,12 +96,12 @@ def learning_curves(curves: pd.DataFrame, palette: Palette, size: PaperSize) -> 
             rows = sorted(data["row"].unique())
             for row in rows:
                 one = data[data["row"] == row]
-                color = palette[row].color
+                color, marker = palette[row].color, _curve_marker(palette, row)
                 for ax, x in ((axes[0], one["iteration"]), (axes[2], one["train_time_s"] / per)):
-                    _band_line(ax, x, one, "train_loss", color, "-", None)
+                    _band_line(ax, x, one, "train_loss", color, "-", marker, sparse=True)
                 for ax, x in ((axes[1], one["iteration"]), (axes[3], one["train_time_s"] / per)):
-                    _band_line(ax, x, one, "train_accuracy", color, "-", None)
-                    _band_line(ax, x, one, "val_accuracy", color, "--", "o")
+                    _band_line(ax, x, one, "train_accuracy", color, "-", marker, sparse=True)
+                    _band_line(ax, x, one, "val_accuracy", color, "--", marker or "o")
             for ax in (axes[0], axes[2]):
                 ax.set_ylabel("training loss")
                 if _spans_decades(pd.concat([data["train_loss_min"], data["train_loss_max"]])):
@@ -110,8 +113,9 @@ def learning_curves(curves: pd.DataFrame, palette: Palette, size: PaperSize) -> 
             for ax in axes[2:]:
                 ax.set_xlabel(f"training time ({unit})")
             seeds = data.groupby("row")["seeds"].max()
-            handles, labels = _row_handles(rows, palette, marker=False)
-            labels = [_with_seeds(row, seeds[row]) for row in labels]
+            handles = [Line2D([], [], color=palette[r].color, linestyle="-", marker=_curve_marker(palette, r))
+                       for r in rows]
+            labels = [_with_seeds(row, seeds[row]) for row in rows]
             handles += [Line2D([], [], color=GREY, linestyle="-"), Line2D([], [], color=GREY, linestyle="--", marker="o")]
             labels += ["training", "validation"]
             style.legend_on_top(fig, handles, labels, size)
@@ -143,14 +147,25 @@ def _spans_decades(values: pd.Series) -> bool:
     return bool(len(values)) and values.min() > 0 and values.max() / values.min() > 10
 
 
+def _curve_marker(palette: Palette, row: str) -> str | None:
+    """The marker that tells a learning curve from another of the same colour: none in the first lap of the
+    palette, the row's own after it."""
+    return palette[row].marker if palette[row].lap > 0 else None
+
+
+#: Markers on a dense line (a training log): about this many per line, so that the line stays readable.
+SPARSE_MARKERS = 8
+
+
 def _band_line(ax: Any, x: pd.Series, data: pd.DataFrame, metric: str, color: str, linestyle: str,
-               marker: str | None) -> None:
+               marker: str | None, sparse: bool = False) -> None:
     present = data[f"{metric}_mean"].notna().to_numpy()
     if not present.any():
         return
     xs = np.asarray(x, dtype=float)[present]
+    every = max(1, len(xs) // SPARSE_MARKERS) if sparse else 1
     ax.plot(xs, data[f"{metric}_mean"].to_numpy()[present], color=color, linestyle=linestyle, marker=marker,
-            markersize=2.5 if marker else None)
+            markersize=2.5 if marker else None, markevery=every)
     if (data["seeds"] > 1).any():
         ax.fill_between(xs, data[f"{metric}_min"].to_numpy()[present], data[f"{metric}_max"].to_numpy()[present],
                         color=color, alpha=0.18, linewidth=0)

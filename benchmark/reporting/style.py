@@ -103,6 +103,8 @@ class SeriesStyle:
     color: str
     linestyle: str
     marker: str
+    #: 0 for the first seven series, 1 for the next seven (which repeat the colours), and so on.
+    lap: int = 0
 
 
 class Palette:
@@ -121,7 +123,7 @@ class Palette:
     def _style(index: int) -> SeriesStyle:
         lap = index // len(OKABE_ITO)
         return SeriesStyle(OKABE_ITO[index % len(OKABE_ITO)], LINESTYLES[lap % len(LINESTYLES)],
-                           MARKERS[lap % len(MARKERS)])
+                           MARKERS[lap % len(MARKERS)], lap)
 
     def __getitem__(self, label: str) -> SeriesStyle:
         if label not in self._styles:  # a label outside the folder (a caller's own series): next free style
