@@ -180,3 +180,16 @@ def test_palette_keeps_a_colour_per_learner_for_the_whole_folder():
     many = Palette([f"learner{i:02d}" for i in range(10)])
     styles = {(s.color, s.linestyle) for s in (many[f"learner{i:02d}"] for i in range(10))}
     assert len(styles) == 10  # past seven colours the line style differs
+
+
+def test_learning_curves_tell_repeated_colours_apart_by_marker():
+    """Past seven rows the colours repeat; in the learning curves line style means training or validation,
+    so the repeats differ by marker (on both lines), never by a dashed training line."""
+    from benchmark.reporting.figures import _curve_marker
+    from benchmark.reporting.style import Palette
+
+    labels = [f"learner{i}" for i in range(9)]
+    palette = Palette(labels)
+    assert palette["learner0"].color == palette["learner7"].color
+    assert _curve_marker(palette, "learner0") is None
+    assert _curve_marker(palette, "learner7") not in (None, "o") and palette["learner7"].lap == 1
