@@ -81,12 +81,28 @@ def preflight(learner_cls: type[Learner], config: Any, context: RunContext, lear
     """
     twin = _twin_under_other_global_seed(learner_cls, config, context)
     _check_same_state(learner, twin)
-    estimates = []
-    for index, phase in enumerate(phases):
-        estimates.append(_check_training_step(twin, phase, index, pools, context))
-    estimates.append(_check_predict(twin, pools, context, eval_batch_size))
-    known = [e for e in estimates if e is not None]
+    training = [_check_training_step(twin, phase, index, pools, context) for index, phase in enumerate(phases)]
+    predicting = _check_predict(twin, pools, context, eval_batch_size)
+    return _run_peak([e for e in training if e is not None], predicting, holds_graph=_holds_cuda_graph(learner))
+
+
+def _run_peak(training: list[MemoryEstimate], predicting: MemoryEstimate | None, *,
+              holds_graph: bool) -> MemoryEstimate | None:
+    """The run's peak from its steps' estimates: the largest step, or, for a learner whose training step is
+    a CUDA graph, the largest training step plus a predict call: the graph's private memory pool keeps a
+    step's worth of memory reserved while the run validates and tests."""
+    if holds_graph and training and predicting is not None:
+        held = max(training, key=lambda e: e.bytes)
+        return MemoryEstimate(held.bytes + predicting.bytes,
+                              f"{held.what}, kept by its CUDA graph while testing, plus {predicting.what}")
+    known = training + ([predicting] if predicting is not None else [])
     return max(known, key=lambda e: e.bytes) if known else None
+
+
+def _holds_cuda_graph(learner: Learner) -> bool:
+    from benchmark.harness.perf import graph_status
+
+    return graph_status(learner) is not None
 
 
 def check_memory(estimate: MemoryEstimate | None, available: int | None, device: torch.device) -> None:
