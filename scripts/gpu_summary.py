@@ -139,7 +139,8 @@ def show(record: dict[str, Any]) -> list[str]:
         lines.append(f"  skipped {label}: {why}")
     if "evaluation" in report:
         e = report["evaluation"]
-        lines.append(f"  evaluation: {e['episodes']} episodes in {e['seconds']:.2f} s")
+        lines.append(f"  evaluation: {e['episodes']} episodes in {e['seconds']:.2f} s"
+                     + (f", {e['run_seconds']:.2f} s with per-step accuracies (as a run tests)" if "run_seconds" in e else ""))
     if record.get("error"):
         lines.append(f"  error: {record['error']}")
     return lines
@@ -185,7 +186,10 @@ def verdict(target: Target, record: dict[str, Any] | None) -> tuple[str, str, st
         if e["episodes"] != 600:
             return f"{e['seconds']:.2f} s / {e['episodes']}", f"< {target.limit:g} s", \
                 f"N/A ({e['episodes']} episodes, not 600)", graph
-        return f"{e['seconds']:.2f} s", f"< {target.limit:g} s", _pass(e["seconds"] < target.limit), graph
+        # Judged on what a run's test takes: with the accuracy after each step where the learner reads it out.
+        value = e.get("run_seconds", e["seconds"])
+        measured = f"{value:.2f} s" + (f" (predict alone {e['seconds']:.2f} s)" if "run_seconds" in e else "")
+        return measured, f"< {target.limit:g} s", _pass(value < target.limit), graph
     # reserved: the larger of the warm-up's (eager steps and capture) and the timed steps' peaks
     peaks = [shipped.get(k) for k in ("warmup_peak_reserved_mb", "peak_reserved_mb")]
     peaks = [p for p in peaks if p is not None]

@@ -125,8 +125,9 @@ def _print(report: dict[str, Any], warmup: int) -> None:
         console.print(f"shipped is {report['speedup']:.2f}x the per-task loop", markup=False)
     if "evaluation" in report:
         e = report["evaluation"]
-        console.print(f"evaluation: {e['episodes']} episodes in {e['seconds']:.2f} s ({e['episodes_per_s']:.1f}/s)",
-                      markup=False)
+        console.print(f"evaluation: {e['episodes']} episodes in {e['seconds']:.2f} s ({e['episodes_per_s']:.1f}/s)"
+                      + (f"; {e['run_seconds']:.2f} s as a run tests, with the accuracy after each step"
+                         if "run_seconds" in e else ""), markup=False)
 
 
 def _mb(value: float | None) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -171,21 +171,36 @@ def _batch_size(learner: Learner) -> int:
 
 
 def time_evaluation(learner: Learner, pool, spec: EpisodeSpec, episodes: int) -> dict[str, Any]:
-    """Wall time of scoring ``episodes`` test episodes (one untimed batch first, to warm up)."""
-    from benchmark.harness.runner import evaluate
+    """Wall time of scoring ``episodes`` test episodes (one untimed batch first, to warm up).
+
+    ``seconds`` times ``predict`` alone. For a learner that adapts by steps, a run's test also reads the
+    accuracy after every step (``steps.csv``): ``run_seconds`` times that too, which is what a run's test takes.
+    """
+    from benchmark.harness.runner import evaluate, evaluate_by_step
+    from benchmark.learner import AdaptationSteps
 
     device = pool.device
+    manifest = Manifest.build(pool, spec, seed=0, episodes=episodes)
     warm = Manifest.build(pool, spec, seed=1, episodes=min(episodes, learner.eval_batch_size))
     evaluate(learner, warm, pool, learner.eval_batch_size)
-    manifest = Manifest.build(pool, spec, seed=0, episodes=episodes)
     reset_peak_memory(device)
+    seconds = _timed(lambda: evaluate(learner, manifest, pool, learner.eval_batch_size), device)
+    result = {"episodes": episodes, "seconds": round(seconds, 3), "episodes_per_s": round(episodes / seconds, 2),
+              "peak_memory_mb": round(peak_memory_mb(device), 1)}
+    if isinstance(learner, AdaptationSteps):
+        evaluate_by_step(learner, warm, pool, learner.eval_batch_size)
+        result["run_seconds"] = round(
+            _timed(lambda: evaluate_by_step(learner, manifest, pool, learner.eval_batch_size), device), 3)
+    return result
+
+
+def _timed(fn: Callable[[], Any], device: torch.device) -> float:
+    """Seconds ``fn`` takes, with the device synchronized before and after."""
     synchronize(device)
     start = time.perf_counter()
-    evaluate(learner, manifest, pool, learner.eval_batch_size)
+    fn()
     synchronize(device)
-    seconds = time.perf_counter() - start
-    return {"episodes": episodes, "seconds": round(seconds, 3), "episodes_per_s": round(episodes / seconds, 2),
-            "peak_memory_mb": round(peak_memory_mb(device), 1)}
+    return time.perf_counter() - start
 
 
 def variants_to_time(learner_cls: type, config: Any, context: Any, shipped: Learner, *, reference: bool,
