@@ -19,11 +19,13 @@
 #                  summary always runs. Give the `run` call a timeout_s of BUDGET_S + 60.
 #   INSTALL        1 on cuda, 0 on cpu: install offline (carried .whl/*.whl, then this checkout with
 #                  `pip install --no-index --no-deps --no-build-isolation -e .`).
-#   CELLS          paper cells instead of the checks (issue 16 part B), e.g. "finn2017:maml:5w1s finn2017:maml:20w1s":
+#   CELLS          paper cells instead of the checks (issue 16 part B), e.g. "finn2017:maml:5w1s finn2017:maml:20w1s",
+#                  or after them with CHECKS=1 (one call, one machine start: the cells get the budget left):
 #                  each `bench reproduce PAPER --learner L --cells C` runs (several at once with PARALLEL=N)
 #                  under --time-limit, so it stops cleanly (checkpointed) before the budget; the next sitting
-#                  resumes it. Carry results/ so the cells continue; results.tar.gz (results/<paper>, run
-#                  directories with their checkpoints, table.md) comes back: untar it and commit it.
+#                  resumes it: results/<paper>/ is not git-ignored, so its run directories travel with the
+#                  checkout. results.tar.gz (results/<paper>: run directories with their checkpoints, table.md)
+#                  comes back: untar it and commit it. With CHECKS=1 give BUDGET_S=540 and the call 600 s.
 #   BENCH_DATA_DIR data/omniglot (carried: the two zips).  BENCH_CACHE_DIR /tmp/bench-cache (so
 #                  platformdirs is not needed).  BENCH_TEST_OMNIGLOT defaults to BENCH_DATA_DIR, so the
 #                  real-data GPU test does not skip.
@@ -180,8 +182,13 @@ PYEOF
 step "bench data (verify, decode into BENCH_CACHE_DIR)" 120 "${BENCH[@]}" data --no-download
 [ "$STEP_RC" = 0 ] || die "bench data failed: the perf runs need the data"
 
-if [ -n "${CELLS:-}" ]; then  # part B: paper cells in time-limited pieces, then back with the run directories
-  left=$((BUDGET_S - SECONDS - RESERVE_S - 30))
+# Part B: paper cells in time-limited pieces, then back with the run directories (results.tar.gz).
+run_cells() {
+  left=$((BUDGET_S - SECONDS - RESERVE_S - 30))  # 30 s: the table, the tarball and the cells' last checkpoint
+  if [ "$left" -lt 60 ]; then
+    echo "== paper cells: SKIPPED, ${left} s of the budget left (a cell needs a minute to start and checkpoint)"
+    return
+  fi
   echo "== paper cells: $CELLS (time limit ${left} s each, ${PARALLEL:-1} at once)"
   papers=() pids=()
   for cell in $CELLS; do
@@ -202,6 +209,9 @@ if [ -n "${CELLS:-}" ]; then  # part B: paper cells in time-limited pieces, then
   done
   tar -czf "$OUT/results.tar.gz" $(printf 'results/%s ' $(printf '%s\n' "${papers[@]}" | sort -u)) \
     && echo "   results.tar.gz: $(du -h "$OUT/results.tar.gz" | cut -f1)"
+}
+if [ -n "${CELLS:-}" ] && [ "${CHECKS:-0}" != 1 ]; then
+  run_cells
   exit 0
 fi
 
@@ -238,4 +248,7 @@ perf fomaml-20w1s 120 --learner fomaml --way 20 --shot 1 "${ITER[@]}" --eval-epi
 perf maml-20w5s 120 --learner maml --way 20 --shot 5 "${MEM[@]}" --no-reference --eval-episodes 0
 if [ "$COMPILE" = 1 ]; then  # minutes of compilation: not in a first sitting
   perf maml-5w1s-compile 300 --learner maml --way 5 --shot 1 "${ITER[@]}" --eval-episodes 0 --ablation -o compile=true
+fi
+if [ -n "${CELLS:-}" ]; then  # CHECKS=1: the cells get what is left of the budget after the checks
+  run_cells
 fi
