@@ -51,8 +51,9 @@ mkdir -p "$OUT" || exit 1
 WORK=$(mktemp -d)
 exec > >(tee -a "$OUT/log.txt") 2>&1
 TEE_PID=$!
-finish() {  # the summary runs whatever happened before; then let tee write the last lines
+finish() {  # the summary and the cells' tarball happen whatever happened before; then let tee write the last lines
   local rc=$?
+  declare -F bundle_cells >/dev/null && bundle_cells
   if [ -s "$OUT/perf.jsonl" ]; then
     echo "== summary"
     "$PY" scripts/gpu_summary.py summary "$OUT/perf.jsonl" > "$OUT/summary.txt" 2>&1
@@ -183,18 +184,26 @@ step "bench data (verify, decode into BENCH_CACHE_DIR)" 120 "${BENCH[@]}" data -
 [ "$STEP_RC" = 0 ] || die "bench data failed: the perf runs need the data"
 
 # Part B: paper cells in time-limited pieces, then back with the run directories (results.tar.gz).
+# One deadline for all the cells: each gets the time left until it (cells run one after another unless
+# PARALLEL says otherwise), as its --time-limit, so it checkpoints and stops cleanly, and under a `timeout`
+# a little longer as a backstop (SIGTERM also checkpoints). The tarball is also made by `finish`, so what
+# the cells wrote comes back whatever happened.
+CELL_PAPERS=()
 run_cells() {
-  left=$((BUDGET_S - SECONDS - RESERVE_S - 30))  # 30 s: the table, the tarball and the cells' last checkpoint
-  if [ "$left" -lt 60 ]; then
-    echo "== paper cells: SKIPPED, ${left} s of the budget left (a cell needs a minute to start and checkpoint)"
-    return
-  fi
-  echo "== paper cells: $CELLS (time limit ${left} s each, ${PARALLEL:-1} at once)"
-  papers=() pids=()
+  local deadline=$((BUDGET_S - RESERVE_S - 30))  # 30 s: the tables, the tarball, a last checkpoint
+  echo "== paper cells: $CELLS (until ${deadline} s into the sitting, ${PARALLEL:-1} at once)"
+  local pids=() cell paper learner cellname left
   for cell in $CELLS; do
     IFS=: read -r paper learner cellname <<< "$cell"
-    papers+=("$paper")
-    "${BENCH[@]}" reproduce "$paper" --learner "$learner" --cells "$cellname" --device "$DEVICE" -q \
+    CELL_PAPERS+=("$paper")
+    left=$((deadline - SECONDS))
+    if [ "$left" -lt 60 ]; then
+      echo "   $cell: SKIPPED, ${left} s left (a cell needs a minute to start and checkpoint)"
+      continue
+    fi
+    echo "   $cell: --time-limit ${left}s"
+    timeout -s TERM -k 20 $((left + 15)) \
+      "${BENCH[@]}" reproduce "$paper" --learner "$learner" --cells "$cellname" --device "$DEVICE" -q \
       --time-limit "${left}s" > "$WORK/cell-$paper-$learner-$cellname.log" 2>&1 &
     pids+=($!)
     # At most PARALLEL at once. Wait only for our own cells: a bare `wait` would also wait for the log's tee.
@@ -202,12 +211,16 @@ run_cells() {
       sleep 1
     done
   done
-  for pid in "${pids[@]}"; do wait "$pid"; done
-  for log in "$WORK"/cell-*.log; do echo "-- $(basename "$log")"; tail -n 3 "$log"; done
-  for paper in $(printf '%s\n' "${papers[@]}" | sort -u); do
+  for pid in "${pids[@]}"; do wait "$pid"; echo "   cell process $pid: exit $? (0 finished, 3 time limit, 124/143 stopped)"; done
+  for log in "$WORK"/cell-*.log; do [ -f "$log" ] && { echo "-- $(basename "$log")"; tail -n 40 "$log"; }; done
+  for paper in $(printf '%s\n' "${CELL_PAPERS[@]}" | sort -u); do
     "${BENCH[@]}" reproduce "$paper" --table-only > /dev/null 2>&1 && cat "results/$paper/table.md"
   done
-  tar -czf "$OUT/results.tar.gz" $(printf 'results/%s ' $(printf '%s\n' "${papers[@]}" | sort -u)) \
+  bundle_cells
+}
+bundle_cells() {  # results/<paper> of every cell started, as $OUT/results.tar.gz
+  [ ${#CELL_PAPERS[@]} -gt 0 ] && [ ! -f "$OUT/results.tar.gz" ] || return 0
+  tar -czf "$OUT/results.tar.gz" $(printf 'results/%s ' $(printf '%s\n' "${CELL_PAPERS[@]}" | sort -u)) \
     && echo "   results.tar.gz: $(du -h "$OUT/results.tar.gz" | cut -f1)"
 }
 if [ -n "${CELLS:-}" ] && [ "${CHECKS:-0}" != 1 ]; then

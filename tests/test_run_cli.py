@@ -214,6 +214,26 @@ def test_missing_data_says_how_to_get_it(tmp_path, isolated_cache, capsys):
     assert "BENCH_DATA_DIR" in err and not out.exists()
 
 
+def test_a_cuda_device_is_named_with_its_index_and_computes_in_exact_float32(monkeypatch):
+    """One GPU is recorded under one name whether asked for as auto, cuda or cuda:0; TF32 (PyTorch's default
+    for cuDNN convolutions) is turned off."""
+    import torch
+
+    from benchmark.harness.runtime import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32  # properties: no monkeypatch
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        assert [str(resolve_device(n)) for n in ("auto", "cuda", "cuda:0")] == ["cuda:1", "cuda:1", "cuda:0"]
+        assert torch.backends.cudnn.allow_tf32 is False and torch.backends.cuda.matmul.allow_tf32 is False
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    assert str(resolve_device("cpu")) == "cpu"
+
+
 def test_absent_cuda_and_unwritable_out(tmp_path, omniglot_dir, capsys):
     import torch
 

@@ -154,6 +154,7 @@ def test_local_workers_go_round_the_visible_gpus(monkeypatch):
     assert worker_devices("cpu", None, 4) == ["cpu"] and worker_devices("cpu", 3, 1) == ["cpu"] * 3
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     assert worker_devices("auto", None, 2) == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
     assert worker_devices("cuda", 3, 2) == ["cuda:0", "cuda:1", "cuda:0"]
     assert worker_devices("cuda:1", None, 3) == ["cuda:1"] * 3

@@ -11,7 +11,11 @@ from benchmark.errors import BenchError
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks the GPU when there is one; an absent CUDA device is a clear error. ``BENCH_THREADS``
-    (``--threads``) sets torch's CPU threads."""
+    (``--threads``) sets torch's CPU threads.
+
+    A CUDA device comes back with its index (``cuda`` and ``auto`` name the current one, ``cuda:0``), so that
+    one GPU is recorded under one name; and float32 is made to mean float32 there (``exact_float32``).
+    """
     threads = os.environ.get("BENCH_THREADS")
     if threads:
         try:
@@ -19,7 +23,7 @@ def resolve_device(name: str) -> torch.device:
         except ValueError:
             raise BenchError(f"BENCH_THREADS={threads!r} is not a number of threads; set it to e.g. 1") from None
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -31,7 +35,23 @@ def resolve_device(name: str) -> torch.device:
             raise BenchError(f"--device {name} asked for a CUDA GPU, but torch sees none; use --device cpu (or auto)")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise BenchError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        exact_float32()
     return device
+
+
+def exact_float32() -> None:
+    """Turn TF32 off for cuDNN convolutions and CUDA matmuls.
+
+    PyTorch lets cuDNN run float32 convolutions in TF32 (10-bit mantissa) on Ampere and newer GPUs by
+    default. The papers' code ran in float32 on GPUs without TF32, our CPU runs and reference loops compute in
+    float32, and TF32 moves a MAML step by more than the GPU tests' float32 tolerance; Omniglot's small
+    convolutions are bound by launches, not arithmetic, so exact float32 costs little. ``config.json``
+    records both flags (``tf32_convolutions``, ``tf32_matmul``).
+    """
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def synchronize(device: torch.device) -> None:

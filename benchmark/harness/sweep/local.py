@@ -65,8 +65,9 @@ def worker_devices(device: str, workers: int | None, per_device: int) -> list[st
         return ["cpu"] * (workers or 1)
     import torch
 
-    gpus = [f"cuda:{resolved.index}"] if resolved.index is not None else \
-        [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    # "cuda" and "auto" spread the runs over every GPU; "cuda:N" keeps them on that one (the resolved device
+    # always has an index, so ask the name).
+    gpus = [f"cuda:{resolved.index}"] if ":" in device else [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     slots = [gpu for _ in range(per_device) for gpu in gpus]  # round the devices: the first runs spread out
     if workers is None:
         return slots
