@@ -111,6 +111,11 @@ def test_comparison_puts_ours_beside_published_and_the_rest_pending(tmp_path):
     assert rows[("maml", "5-way 1-shot")].mark == "pending"
     assert rows[("maml", "5-way 1-shot")].ours == "running: 1000/60000 iterations"
     assert "Finn" in result["caption"] and "95% CI over 600 test tasks" in result["caption"]
+    # A cell checkpointed by its time limit (as a GPU sitting leaves it) says so.
+    (started / "progress.json").write_text(json.dumps({"phase": "stopped", "iteration": 1200, "total": 60000,
+                                                       "reason": "time limit reached"}))
+    rows = {(r.learner, r.cell): r for r in comparison(tmp_path, _paper(), ["maml"], [(5, 1)], "x")["rows"]}
+    assert rows[("maml", "5-way 1-shot")].ours == "stopped at 1200/60000 iterations (resumable)"
 
 
 def test_reproduce_table_only_shows_pending_cells(tmp_path, capsys):

@@ -349,7 +349,8 @@ class Runner:
             row = {"iteration": it, **_read_metrics(train.sums, train.window)}  # synchronizes the device
             now = time.perf_counter()
             train.train_seconds += now - window_start
-            row["seconds_per_iteration"] = (now - window_start) / train.window
+            # A resumed run's first window also counts iterations of the session before: time only this one's.
+            row["seconds_per_iteration"] = (now - window_start) / min(train.window, it - session_first)
             first_in_window = it - train.window + 1
             train.sums, train.window = {}, 0
             self._check_finite(row, first_in_window)

@@ -142,9 +142,11 @@ def _progress(runs: list[tuple[Path, dict, Any]]) -> str:
             done = _last_logged_iteration(run_dir / "train_log.csv")
         total = config["run"].get("iterations")
         if done is not None and (best is None or done > best[0]):
-            best = (done, total)
+            best = (done, total, progress.get("phase"))
     if best is None:
         return ""
+    if best[2] == "stopped":  # checkpointed by a time limit or a signal: the same command resumes it
+        return f"stopped at {best[0]}/{best[1]} iterations (resumable)"
     return f"running: {best[0]}/{best[1]} iterations"
 
 
