@@ -26,6 +26,8 @@
 #                  resumes it: results/<paper>/ is not git-ignored, so its run directories travel with the
 #                  checkout. results.tar.gz (results/<paper>: run directories with their checkpoints, table.md)
 #                  comes back: untar it and commit it. With CHECKS=1 give BUDGET_S=540 and the call 600 s.
+#   BENCH_GIT_COMMIT  the commit the checkout was copied from (its .git does not travel): give it in the call,
+#                  e.g. BENCH_GIT_COMMIT=$(git rev-parse HEAD) expanded here, so config.json records it.
 #   BENCH_DATA_DIR data/omniglot (carried: the two zips).  BENCH_CACHE_DIR /tmp/bench-cache (so
 #                  platformdirs is not needed).  BENCH_TEST_OMNIGLOT defaults to BENCH_DATA_DIR, so the
 #                  real-data GPU test does not skip.

@@ -246,3 +246,23 @@ def test_absent_cuda_and_unwritable_out(tmp_path, omniglot_dir, capsys):
     assert main(["run", "--learner", "fomaml", *TINY, "--out", str(blocker / "sub"),
                  "--data-dir", str(omniglot_dir)]) == 2
     assert "cannot write results" in capsys.readouterr().err
+
+
+def test_a_copy_without_git_records_the_commit_it_is_given(monkeypatch):
+    """On a machine that gets the checkout without its .git (a GPU sitting), BENCH_GIT_COMMIT names the
+    commit; where git answers, git's answer wins."""
+    import subprocess
+
+    from benchmark.harness import provenance
+
+    assert provenance.git_commit() not in (None, "given")  # this checkout: git answers
+    monkeypatch.setenv("BENCH_GIT_COMMIT", "given")
+    assert provenance.git_commit() != "given"
+
+    def no_git(*args, **kwargs):
+        raise OSError("git: not found")
+
+    monkeypatch.setattr(subprocess, "run", no_git)
+    assert provenance.git_commit() == "given"
+    monkeypatch.delenv("BENCH_GIT_COMMIT")
+    assert provenance.git_commit() is None

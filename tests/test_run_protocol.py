@@ -119,3 +119,25 @@ def test_sigterm_and_sigusr2_checkpoint_and_resume_to_the_same_result(signum, co
     assert (ran / "episodes.csv").read_text() == (ref / "episodes.csv").read_text()
     ours, theirs = (json.loads((d / "summary.json").read_text()) for d in (ran, ref))
     assert ours["selected_iterations"] == theirs["selected_iterations"]
+    # Each session that trained the run says where it started and on what.
+    assert [s["from_iteration"] for s in theirs["sessions"]] == [0]
+    first, second = ours["sessions"]
+    assert first["from_iteration"] == 0 and 0 < second["from_iteration"] < 60
+    assert second["device"] == "cpu" and second["torch_version"] and "started" in second
+
+
+def test_a_run_started_with_other_learner_code_is_not_resumed(tmp_path, omniglot_dir, capsys):
+    """One result must come from one algorithm: resuming with changed learner code is refused, --force
+    starts the run again."""
+    args = ["run", *FOMAML, *TINY, "--iterations", "100000", "--data-dir", str(omniglot_dir), "--out", str(tmp_path)]
+    assert main([*args, "--time-limit", "2s"]) == 3
+    run = only(tmp_path)
+    config = json.loads((run / "config.json").read_text())
+    config["plugin"]["code_sha256"] = "0" * 64  # as if the learner's code had changed since
+    (run / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert main([*args, "--time-limit", "2s"]) == 2
+    err = capsys.readouterr().err
+    assert "was started with other code of learner 'fomaml'" in err and "--force" in err
+    assert main([*args, "--time-limit", "2s", "--force"]) == 3
+    assert json.loads((run / "config.json").read_text())["plugin"]["code_sha256"] != "0" * 64

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -9,8 +10,13 @@ from typing import Any
 
 
 def git_commit() -> str | None:
-    """The commit of the metabench source tree, when it is a git checkout (editable installs)."""
+    """The commit of the metabench source tree, when it is a git checkout (editable installs); else
+    ``BENCH_GIT_COMMIT`` when set (a copy of a checkout without its ``.git``, e.g. on a GPU machine, given the
+    commit it was copied from); else None."""
     source = Path(__file__).resolve().parents[2]
+    given = os.environ.get("BENCH_GIT_COMMIT") or None
+    if not (source / ".git").exists() and given:
+        return given
     try:
         out = subprocess.run(
             ["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
@@ -21,7 +27,7 @@ def git_commit() -> str | None:
         ).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return None
+        return given
 
 
 def cpu_name() -> str:

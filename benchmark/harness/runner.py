@@ -56,18 +56,32 @@ class TrainState:
     #: Metrics accumulated since the last log row (kept across a stop so the log matches an unbroken run).
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     window: int = 0
+    #: One record per session that trained this run (a resumed run has several): the iteration it started at
+    #: and its device and versions (``SESSION_KEYS``), so a result made in pieces says what made each piece.
+    sessions: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {"iteration": self.iteration, "log": self.log, "train_seconds": self.train_seconds,
                 "val_seconds": self.val_seconds, "last_val": self.last_val, "best": self.best,
-                "pending": {"sums": self.sums, "window": self.window}}
+                "pending": {"sums": self.sums, "window": self.window}, "sessions": self.sessions}
 
     @staticmethod
     def from_dict(ckpt: dict[str, Any]) -> TrainState:
         pending = ckpt.get("pending", {})
         return TrainState(ckpt["iteration"], ckpt["log"], ckpt["train_seconds"], ckpt.get("val_seconds", 0.0),
                           ckpt.get("last_val"), ckpt.get("best", []),
-                          pending.get("sums", {}), pending.get("window", 0))
+                          pending.get("sums", {}), pending.get("window", 0), ckpt.get("sessions", []))
+
+
+def _plain(value: Any) -> Any:
+    """A str subclass (``torch.__version__`` is a TorchVersion) as a plain str: checkpoints load with
+    ``weights_only=True``, which refuses unknown classes."""
+    return str(value) if isinstance(value, str) else value
+
+
+#: What each session of a run records (from ``provenance.environment``).
+SESSION_KEYS = ("device", "device_name", "torch_version", "cuda_version", "metabench_version", "git_commit",
+                "tf32_convolutions", "tf32_matmul")
 
 
 def run_context(plan: RunPlan, session: Session) -> RunContext:
@@ -263,6 +277,8 @@ class Runner:
             self.dir.write_config(self._config_record(learner, test_manifest, val_manifest))
             self.dir.write_manifest(test_manifest.to_json(pools.test))
         resumed_from = train.iteration
+        train.sessions.append({"from_iteration": train.iteration, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                               **{key: _plain(self.environment.get(key)) for key in SESSION_KEYS}})
         self.progress({"event": "start", "iteration": train.iteration, "total": plan.settings.iterations,
                        "dir": self.dir.path})
 
@@ -292,6 +308,7 @@ class Runner:
         return RunOutcome(self.dir.path, summary, resumed_from=resumed_from)
 
     def _resume(self, learner: Learner, samplers: list[Any]) -> TrainState:
+        self._refuse_changed_code()
         ckpt = self.dir.load_state(R.CHECKPOINT, self.session.device)
         path = self.dir / R.CHECKPOINT
         if ckpt.get("device_type", self.session.device.type) != self.session.device.type:
@@ -308,6 +325,16 @@ class Runner:
         except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as exc:
             raise R.RunDirError(f"{path} does not fit this run ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}): "
                                 "use --force to start the run again") from None
+
+    def _refuse_changed_code(self) -> None:
+        """A run resumed with other learner code would be one result from two algorithms."""
+        recorded = (R.read_json(self.dir / R.CONFIG).get("plugin") or {}).get("code_sha256")
+        now = self.plan.provenance.get("code_sha256")
+        if recorded and now and recorded != now:
+            raise BenchError(
+                f"{self.dir.path} was started with other code of learner {self.plan.learner!r} (code sha256 "
+                f"{recorded[:12]}, now {now[:12]}); resuming would make one result of two versions: check out the "
+                "code it started with, or pass --force to start it again")
 
     def _phase_at(self, phases: list[Episodes | Minibatches], iteration: int) -> int:
         """The index of the phase that iteration ``iteration`` (0-based) belongs to."""
@@ -477,6 +504,7 @@ class Runner:
             "final_val_accuracy": train.last_val,
             **selected,
             "device_name": self.environment["device_name"],
+            "sessions": train.sessions,
         }
 
 
