@@ -141,3 +141,34 @@ def test_a_run_started_with_other_learner_code_is_not_resumed(tmp_path, omniglot
     assert "was started with other code of learner 'fomaml'" in err and "--force" in err
     assert main([*args, "--time-limit", "2s", "--force"]) == 3
     assert json.loads((run / "config.json").read_text())["plugin"]["code_sha256"] != "0" * 64
+
+
+@pytest.mark.gpu
+def test_a_cuda_run_stopped_by_its_time_limit_resumes_and_finishes(tmp_path, omniglot_dir):
+    """The path of a paper cell across GPU sittings: a graphed MAML run on CUDA stops at its time limit
+    (checkpointed: capturable Adam's step tensors, the CUDA sampler's generator), a new process resumes it
+    (state loaded onto the device, the graph captured anew) and finishes. GPU kernels may round differently
+    from run to run, so the result is compared with an unbroken run's within a tolerance, not bit for bit."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    base = [sys.executable, "-c", "import sys; from benchmark.cli import main; sys.exit(main(sys.argv[1:]))", "run",
+            "--learner", "maml", "-o", "meta_batch_size=4", "-o", "test_inner_steps=1", "--way", "5", "--shot", "1",
+            "--query", "2", "--episodes", "50", "--val-episodes", "4", "--iterations", "1500", "--log-every", "50",
+            "--val-every", "500", "--checkpoint-every", "500", "--device", "cuda", "-q", "--data-dir", str(omniglot_dir)]
+    reference = subprocess.run([*base, "--out", str(tmp_path / "ref")], env=env, capture_output=True, text=True)
+    assert reference.returncode == 0, reference.stderr
+    first = subprocess.run([*base, "--out", str(tmp_path / "split"), "--time-limit", "6s"], env=env,
+                           capture_output=True, text=True)
+    if first.returncode == 0:
+        pytest.skip("the run finished within its time limit: nothing to resume")
+    assert first.returncode == 3 and "time limit reached" in first.stderr, first.stderr
+    second = subprocess.run([*base, "--out", str(tmp_path / "split")], env=env, capture_output=True, text=True)
+    assert second.returncode == 0 and "resumed from iteration" in second.stdout, second.stderr
+    ran, ref = only(tmp_path / "split"), only(tmp_path / "ref")
+    ours, theirs = (json.loads((d / "summary.json").read_text()) for d in (ran, ref))
+    assert len(ours["sessions"]) == 2 and ours["sessions"][1]["device"].startswith("cuda:")
+    assert ours["n"] == theirs["n"] == 50 and abs(ours["accuracy_mean"] - theirs["accuracy_mean"]) < 0.03
+    ours_log, ref_log = (pd.read_csv(d / "train_log.csv") for d in (ran, ref))
+    assert list(ours_log["iteration"]) == list(ref_log["iteration"])
+    assert (ours_log["loss"] - ref_log["loss"]).abs().max() < 0.05 * ref_log["loss"].abs().max()
+    config = json.loads((ran / "config.json").read_text())
+    assert config["tf32_convolutions"] is False and config["device"].startswith("cuda:")
