@@ -222,8 +222,26 @@ def test_perfect_accuracy_shows_an_interval_not_zero_width(tmp_path: Path) -> No
 def test_disagreeing_copies_of_one_seed_are_an_error(tmp_path: Path) -> None:
     write_run(tmp_path, "one", accuracies(20), seed=0)
     write_run(tmp_path, "two", accuracies(21), seed=0)
-    with pytest.raises(BenchError, match="seed 0 disagree"):
+    with pytest.raises(BenchError, match="seed 0 disagree: "):
         build_table(load_runs([tmp_path]))
+
+
+def test_gpu_repeats_of_one_seed_count_once_and_other_devices_are_named(tmp_path: Path) -> None:
+    """GPU kernels may round differently from run to run: two GPU runs of one seed on the same test episodes
+    are one result (the first kept, with a note); a CPU and a GPU run of one seed trained on different
+    episode streams, and the error says so."""
+    base = accuracies(20)
+    nudged = base.copy()
+    nudged[0] = nudged[0] - 1 / 75
+    write_run(tmp_path / "gpu", "one", base, seed=0, device="cuda:0")
+    write_run(tmp_path / "gpu", "two", nudged, seed=0, device="cuda:1")
+    notes: list[str] = []
+    table = build_table(load_runs([tmp_path / "gpu"]), warn=notes.append)
+    assert table.cells[("maml", (5, 1))].seeds == 1 and any("on a GPU" in n for n in notes)
+    write_run(tmp_path / "mixed", "one", base, seed=0, device="cpu")
+    write_run(tmp_path / "mixed", "two", nudged, seed=0, device="cuda:0")
+    with pytest.raises(BenchError, match="seed 0 disagree .they ran on cpu and cuda"):
+        build_table(load_runs([tmp_path / "mixed"]))
 
 
 def test_config_variants_are_separate_rows(tmp_path: Path) -> None:
