@@ -27,7 +27,6 @@ vector) captures the step anew.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping

@@ -4,7 +4,6 @@ one line, nothing written). No training here; the registry loads the first-party
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
