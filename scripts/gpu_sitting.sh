@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
 # One GPU sitting for the checks a CPU cannot make: the CUDA tests, then `bench perf` for the speed and
 # memory targets (README "Performance"), each in the same interleaved run as its per-task-loop reference,
-# then a one-screen summary (scripts/gpu_summary.py). /work/notes/gpu_sitting.md has the `run` call.
+# then a one-screen summary (scripts/gpu_summary.py); optionally paper cells after them or instead.
 #
 #   OUT=gpu-out bash scripts/gpu_sitting.sh                      # on the GPU machine (data in data/omniglot)
 #   DEVICE=cpu SMALL=1 OUT=/tmp/gpuout BENCH_DATA_DIR=/work/shared/data/omniglot \
 #     BENCH_CACHE_DIR=/tmp/gpucache bash scripts/gpu_sitting.sh  # dry run of the script itself (~1 min)
+#
+# Before a sitting: copy the two Omniglot zips into data/omniglot (git-ignored) and fetch the wheels the GPU
+# image lacks (bash scripts/fetch_gpu_wheels.sh: .whl/), commit, then, with the device tool (about 15 min of
+# device time, ~1.5 min of it the start; this call leaves ~5 min for a rerun while the machine is warm):
+#   run(command='OUT="$OUT" BENCH_GIT_COMMIT=<HEAD sha> CHECKS=1 BUDGET_S=420 CELLS="finn2017:maml:5w1s" \
+#       bash scripts/gpu_sitting.sh', carry=["data/omniglot", ".whl"], timeout_s=480)
 #
 # Settings (environment):
 #   OUT            where the files go (at most 8 come back from a sitting; this writes 4):
