@@ -177,3 +177,22 @@ def test_warm_load_is_well_under_a_second(omniglot_dir, omniglot):
     again = load_omniglot(omniglot_dir)
     assert again.from_cache
     assert time.perf_counter() - t0 < 1.0
+
+
+def test_a_script_without_a_main_guard_still_decodes(tmp_path, isolated_cache):
+    """Decode workers start from a forkserver and import the main script: one without an
+    `if __name__ == "__main__":` guard kills them, and the decode falls back to this process with a note."""
+    import subprocess
+    import sys
+
+    data = make_fake_omniglot(tmp_path / "zips", zips=True)
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "import sys\n"
+        "from benchmark.harness.data.omniglot import decode_sources\n"
+        "from benchmark.harness.data.sources import find_sources\n"
+        "images, names = decode_sources(find_sources(sys.argv[1], download=False), workers=2)\n"
+        "print('decoded', tuple(images.shape), flush=True)\n")
+    done = subprocess.run([sys.executable, str(script), str(data)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "decoded (12, 20, 28, 28)" in done.stdout and "decoding in this process instead" in done.stderr

@@ -242,6 +242,12 @@ def test_gpu_repeats_of_one_seed_count_once_and_other_devices_are_named(tmp_path
     write_run(tmp_path / "mixed", "two", nudged, seed=0, device="cuda:0")
     with pytest.raises(BenchError, match="seed 0 disagree .they ran on cpu and cuda"):
         build_table(load_runs([tmp_path / "mixed"]))
+    # A GPU rerun with other learner code (a fix) is another result, not a repeat.
+    write_run(tmp_path / "fixed", "one", base, seed=0, device="cuda:0")
+    write_run(tmp_path / "fixed", "two", nudged, seed=0, device="cuda:0",
+              plugin={"plugin": "maml", "distribution": "metabench", "version": "0.1.0", "code_sha256": "f1x"})
+    with pytest.raises(BenchError, match="GPU runs with different code_sha256"):
+        build_table(load_runs([tmp_path / "fixed"]))
 
 
 def test_config_variants_are_separate_rows(tmp_path: Path) -> None:

@@ -111,6 +111,8 @@ def _record(finished: FinishedRun) -> dict[str, Any]:
         "code_sha256": plugin.get("code_sha256"),
         "device": config.get("device"),
         "device_name": config.get("device_name"),
+        "torch_version": config.get("torch_version"),
+        "tf32": (config.get("tf32_convolutions"), config.get("tf32_matmul")),
         "validation_manifest_hash": config.get("validation_manifest_hash"),
         "accuracy_mean": summary.get("accuracy_mean"),
         "ci95": summary.get("ci95"),
@@ -261,8 +263,8 @@ def row_labels(runs: pd.DataFrame) -> pd.Series:
 
 def dedupe_seeds(group: pd.DataFrame, row: str, warn: Warn) -> pd.DataFrame:
     """Keep one run per seed: identical copies collapse (with a note); so do GPU repeats on the same test
-    episodes, which may differ by rounding (GPU kernels do not add in a fixed order); other disagreeing copies
-    are an error that says why they differ where it can."""
+    episodes with the same code and setup (``GPU_REPEAT_KEYS``), which may differ by rounding (GPU kernels do
+    not add in a fixed order); other disagreeing copies are an error that says why they differ where it can."""
     keep = []
     for seed, same in group.groupby("seed", dropna=False, sort=True):
         first = same.iloc[0]
@@ -272,18 +274,30 @@ def dedupe_seeds(group: pd.DataFrame, row: str, warn: Warn) -> pd.DataFrame:
                 warn(f"note: {other['path']} repeats {first['path']} (same seed, same accuracies); counted once")
                 continue
             devices = {_device_type(first), _device_type(other)}
-            if same_episodes and devices == {"cuda"}:
-                warn(f"note: {other['path']} repeats {first['path']} on a GPU (same seed; accuracies differ by "
-                     "rounding, as GPU runs may); counted once, the first kept")
+            setup = [key for key in GPU_REPEAT_KEYS if first.get(key) != other.get(key)]
+            if same_episodes and devices == {"cuda"} and not setup:
+                shift = 100 * abs(float(np.mean(other["accuracy"])) - float(np.mean(first["accuracy"])))
+                warn(f"note: {other['path']} repeats {first['path']} on a GPU with the same code and setup (same "
+                     f"seed; GPU runs may round differently, here {shift:.2f} points apart); counted once, the "
+                     "first kept")
                 continue
-            why = (f" (they ran on {' and '.join(sorted(devices))}, whose training episode streams differ)"
-                   if len(devices) > 1 else "")
+            if len(devices) > 1:
+                why = f" (they ran on {' and '.join(sorted(devices))}, whose training episode streams differ)"
+            elif devices == {"cuda"} and setup:
+                why = f" (GPU runs with different {', '.join(setup)})"
+            else:
+                why = ""
             raise BenchError(
                 f"two runs of {row} {cell_name(first['way'], first['shot'])} with seed {seed} disagree{why}: "
                 f"{first['path']} and {other['path']}; remove one, or pass only the directories to tabulate"
             )
         keep.append(same.index[0])
     return group.loc[keep]
+
+
+#: What two GPU runs of one seed must share to be repeats of one result (their learner code, torch, TF32
+#: flags and GPU model): a rerun after a fix of the learner is another result, not a repeat.
+GPU_REPEAT_KEYS = ("code_sha256", "torch_version", "tf32", "device_name")
 
 
 def _device_type(run: pd.Series) -> str:

@@ -20,6 +20,7 @@ import os
 import re
 import zipfile
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -215,6 +216,12 @@ def _decode_chunks(grouped: list, workers: int) -> list:
             except _Unreadable:
                 pool.shutdown(cancel_futures=True)  # the decode has failed: do not finish the other chunks
                 raise
+            except BrokenProcessPool:
+                # A worker imports the main script; one without an `if __name__ == "__main__":` guard re-runs
+                # and the worker dies. Decoding here is slower, never wrong.
+                warn_on_stderr("note: the Omniglot decode workers could not start (is the main script missing an "
+                               "`if __name__ == \"__main__\":` guard?); decoding in this process instead")
+        return [a for g in grouped for a in _decode_chunk(g)]
     except _Unreadable as exc:
         raise _invalid_source(*exc.args) from None
 
