@@ -45,9 +45,9 @@ def vectorize_option(default_rule: str = "vmap on CUDA, and on the CPU for tasks
     return option(None, f"true: vmap over tasks; false: the per-task loop; none (default): {default_rule}")
 
 
-def cuda_graph_option() -> Any:
+def cuda_graph_option(default_rule: str = "on when the device is CUDA") -> Any:
     return option(None, "capture the whole meta-update (its optimizer step included) in a CUDA graph and replay "
-                        "it; none (default): on when the device is CUDA")
+                        f"it; none (default): {default_rule}")
 
 
 def compile_option() -> Any:

@@ -88,7 +88,7 @@ class ReptileConfig:
         "(each task starts from the previous one's, as the released code; loop only)"))
     eval_batch_size: int = eval_batch_size_option()
     vectorize: bool | None = vectorize_option("vmap unless adam_carry=chained")
-    cuda_graph: bool | None = cuda_graph_option()
+    cuda_graph: bool | None = cuda_graph_option("on when the device is CUDA and the tasks are vectorized")
 
 
 def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -9,9 +9,10 @@
 #
 # Before a sitting: copy the two Omniglot zips into data/omniglot (git-ignored) and fetch the wheels the GPU
 # image lacks (bash scripts/fetch_gpu_wheels.sh: .whl/), commit, then, with the device tool (about 15 min of
-# device time, ~1.5 min of it the start; this call leaves ~5 min for a rerun while the machine is warm):
-#   run(command='OUT="$OUT" BENCH_GIT_COMMIT=<HEAD sha> CHECKS=1 BUDGET_S=420 CELLS="finn2017:maml:5w1s" \
-#       bash scripts/gpu_sitting.sh', carry=["data/omniglot", ".whl"], timeout_s=480)
+# device time, ~1.5 min of it the start; this call leaves ~4.5 min for a rerun while the machine is warm):
+#   run(command='OUT="$OUT" BENCH_GIT_COMMIT=<HEAD sha> CHECKS=1 BUDGET_S=480 CELLS="finn2017:maml:5w1s" \
+#       bash scripts/gpu_sitting.sh', carry=["data/omniglot", ".whl"], timeout_s=540)
+#   (the checks take about 3-5 min; the cell gets the rest of the 480 s).
 #
 # Settings (environment):
 #   OUT            where the files go (at most 8 come back from a sitting; this writes 4):
@@ -31,7 +32,7 @@
 #                  under --time-limit, so it stops cleanly (checkpointed) before the budget; the next sitting
 #                  resumes it: results/<paper>/ is not git-ignored, so its run directories travel with the
 #                  checkout. results.tar.gz (results/<paper>: run directories with their checkpoints, table.md)
-#                  comes back: untar it and commit it. With CHECKS=1 give BUDGET_S=540 and the call 600 s.
+#                  comes back: untar it and commit it. With CHECKS=1 the cells get what the checks leave.
 #   BENCH_GIT_COMMIT  the commit the checkout was copied from (its .git does not travel): give it in the call,
 #                  e.g. BENCH_GIT_COMMIT=$(git rev-parse HEAD) expanded here, so config.json records it.
 #   BENCH_DATA_DIR data/omniglot (carried: the two zips).  BENCH_CACHE_DIR /tmp/bench-cache (so
@@ -60,8 +61,11 @@ WORK=$(mktemp -d)
 exec > >(tee -a "$OUT/log.txt") 2>&1
 TEE_PID=$!
 finish() {  # the summary and the cells' tarball happen whatever happened before; then let tee write the last lines
-  local rc=$?
-  declare -F bundle_cells >/dev/null && bundle_cells
+  local rc=${1:-$?}
+  if declare -F bundle_cells >/dev/null; then
+    stop_cells  # cells still running (the sitting itself was stopped): SIGTERM makes them checkpoint first
+    bundle_cells
+  fi
   if [ -s "$OUT/perf.jsonl" ]; then
     echo "== summary"
     "$PY" scripts/gpu_summary.py summary "$OUT/perf.jsonl" > "$OUT/summary.txt" 2>&1
@@ -74,6 +78,7 @@ finish() {  # the summary and the cells' tarball happen whatever happened before
   exit "$rc"
 }
 trap finish EXIT
+trap 'finish 143' TERM  # bash runs the EXIT trap with status 0 after a SIGTERM: say it was stopped
 die() { echo "FATAL: $*"; exit 1; }
 
 # step NAME LIMIT_S COMMAND...: run under `timeout`, its limit cut to the budget left; logs the time and
@@ -196,40 +201,62 @@ step "bench data (verify, decode into BENCH_CACHE_DIR)" 120 "${BENCH[@]}" data -
 # PARALLEL says otherwise), as its --time-limit, so it checkpoints and stops cleanly, and under a `timeout`
 # a little longer as a backstop (SIGTERM also checkpoints). The tarball is also made by `finish`, so what
 # the cells wrote comes back whatever happened.
-CELL_PAPERS=()
+CELL_PAPERS=() CELL_PIDS=() BUNDLED=0
 run_cells() {
   local deadline=$((BUDGET_S - RESERVE_S - 30))  # 30 s: the tables, the tarball, a last checkpoint
   echo "== paper cells: $CELLS (until ${deadline} s into the sitting, ${PARALLEL:-1} at once)"
-  local pids=() cell paper learner cellname left
+  local cell paper learner cellname left
   for cell in $CELLS; do
     IFS=: read -r paper learner cellname <<< "$cell"
-    CELL_PAPERS+=("$paper")
     left=$((deadline - SECONDS))
     if [ "$left" -lt 60 ]; then
       echo "   $cell: SKIPPED, ${left} s left (a cell needs a minute to start and checkpoint)"
       continue
     fi
+    CELL_PAPERS+=("$paper")
     echo "   $cell: --time-limit ${left}s"
     timeout -s TERM -k 20 $((left + 15)) \
       "${BENCH[@]}" reproduce "$paper" --learner "$learner" --cells "$cellname" --device "$DEVICE" -q \
       --time-limit "${left}s" > "$WORK/cell-$paper-$learner-$cellname.log" 2>&1 &
-    pids+=($!)
+    CELL_PIDS+=($!)
     # At most PARALLEL at once. Wait only for our own cells: a bare `wait` would also wait for the log's tee.
-    while [ "$(for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && echo; done | wc -l)" -ge "${PARALLEL:-1}" ]; do
+    while [ "$(running_cells | wc -l)" -ge "${PARALLEL:-1}" ]; do
       sleep 1
     done
   done
-  for pid in "${pids[@]}"; do wait "$pid"; echo "   cell process $pid: exit $? (0 finished, 3 time limit, 124/143 stopped)"; done
+  local pid
+  for pid in "${CELL_PIDS[@]}"; do
+    wait "$pid"
+    echo "   cell process $pid: exit $? (0 finished, 3 its time limit, 124/137 stopped by the backstop)"
+  done
+  CELL_PIDS=()
   for log in "$WORK"/cell-*.log; do [ -f "$log" ] && { echo "-- $(basename "$log")"; tail -n 40 "$log"; }; done
   for paper in $(printf '%s\n' "${CELL_PAPERS[@]}" | sort -u); do
     "${BENCH[@]}" reproduce "$paper" --table-only > /dev/null 2>&1 && cat "results/$paper/table.md"
   done
   bundle_cells
 }
-bundle_cells() {  # results/<paper> of every cell started, as $OUT/results.tar.gz
-  [ ${#CELL_PAPERS[@]} -gt 0 ] && [ ! -f "$OUT/results.tar.gz" ] || return 0
-  tar -czf "$OUT/results.tar.gz" $(printf 'results/%s ' $(printf '%s\n' "${CELL_PAPERS[@]}" | sort -u)) \
-    && echo "   results.tar.gz: $(du -h "$OUT/results.tar.gz" | cut -f1)"
+running_cells() {  # one line per cell process still running
+  local pid
+  for pid in "${CELL_PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && echo "$pid"; done
+}
+stop_cells() {  # SIGTERM to the cells still running, then up to 30 s for their checkpoints
+  local pids
+  pids=$(running_cells)
+  [ -n "$pids" ] || return 0
+  echo "   stopping cells $pids (SIGTERM: they checkpoint)"
+  kill -TERM $pids 2>/dev/null
+  for _ in $(seq 30); do [ -n "$(running_cells)" ] || break; sleep 1; done
+}
+bundle_cells() {  # results/<paper> of every cell started, as $OUT/results.tar.gz (once)
+  [ ${#CELL_PAPERS[@]} -gt 0 ] && [ "$BUNDLED" = 0 ] || return 0
+  BUNDLED=1
+  local dirs=() paper
+  for paper in $(printf '%s\n' "${CELL_PAPERS[@]}" | sort -u); do
+    [ -d "results/$paper" ] && dirs+=("results/$paper")
+  done
+  [ ${#dirs[@]} -gt 0 ] || { echo "   no results/<paper> folder to bundle"; return 0; }
+  tar -czf "$OUT/results.tar.gz" "${dirs[@]}" && echo "   results.tar.gz: $(du -h "$OUT/results.tar.gz" | cut -f1)"
 }
 if [ -n "${CELLS:-}" ] && [ "${CHECKS:-0}" != 1 ]; then
   run_cells
@@ -238,8 +265,8 @@ fi
 
 PYTEST_TIMEOUT=()
 "$PY" -c 'import pytest_timeout' 2>/dev/null && PYTEST_TIMEOUT=(--timeout 120)  # one hung test cannot take the rest
-# 150 s: about twice what the tests should take, and enough left of the budget for every perf step after it.
-STEP_STDOUT="$OUT/pytest-gpu.txt" STEP_MERGE=1 step "CUDA tests: pytest -m gpu (inductor ones only with COMPILE=1)" 150 \
+# 240 s: 25 tests, three of them starting training processes; the perf steps after it fit the rest.
+STEP_STDOUT="$OUT/pytest-gpu.txt" STEP_MERGE=1 step "CUDA tests: pytest -m gpu (inductor ones only with COMPILE=1)" 240 \
   "$PY" -m pytest -m gpu -q -rfEs -p no:cacheprovider --durations=8 "${PYTEST_TIMEOUT[@]}" tests
 tail -n 25 "$OUT/pytest-gpu.txt"
 

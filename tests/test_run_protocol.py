@@ -144,31 +144,61 @@ def test_a_run_started_with_other_learner_code_is_not_resumed(tmp_path, omniglot
 
 
 @pytest.mark.gpu
-def test_a_cuda_run_stopped_by_its_time_limit_resumes_and_finishes(tmp_path, omniglot_dir):
-    """The path of a paper cell across GPU sittings: a graphed MAML run on CUDA stops at its time limit
-    (checkpointed: capturable Adam's step tensors, the CUDA sampler's generator), a new process resumes it
-    (state loaded onto the device, the graph captured anew) and finishes. GPU kernels may round differently
-    from run to run, so the result is compared with an unbroken run's within a tolerance, not bit for bit."""
+def test_a_cuda_run_stopped_by_sigterm_resumes_and_finishes(tmp_path, omniglot_dir):
+    """The path of a paper cell across GPU sittings: a graphed MAML run on CUDA is stopped by SIGTERM (what a
+    time limit or the sitting's backstop sends) once it has trained a while: it checkpoints (capturable Adam's
+    step tensors, the CUDA sampler's generator), a new process resumes it (state loaded onto the device, the
+    graph captured anew) and finishes. GPU kernels may round differently from run to run, so the result is
+    compared with an unbroken run's within a tolerance, not bit for bit."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     base = [sys.executable, "-c", "import sys; from benchmark.cli import main; sys.exit(main(sys.argv[1:]))", "run",
             "--learner", "maml", "-o", "meta_batch_size=4", "-o", "test_inner_steps=1", "--way", "5", "--shot", "1",
-            "--query", "2", "--episodes", "50", "--val-episodes", "4", "--iterations", "1500", "--log-every", "50",
-            "--val-every", "500", "--checkpoint-every", "500", "--device", "cuda", "-q", "--data-dir", str(omniglot_dir)]
+            "--query", "2", "--episodes", "50", "--val-episodes", "4", "--iterations", "3000", "--log-every", "50",
+            "--val-every", "1000", "--checkpoint-every", "1000", "--device", "cuda", "-q", "--data-dir", str(omniglot_dir)]
     reference = subprocess.run([*base, "--out", str(tmp_path / "ref")], env=env, capture_output=True, text=True)
     assert reference.returncode == 0, reference.stderr
-    first = subprocess.run([*base, "--out", str(tmp_path / "split"), "--time-limit", "6s"], env=env,
-                           capture_output=True, text=True)
-    if first.returncode == 0:
-        pytest.skip("the run finished within its time limit: nothing to resume")
-    assert first.returncode == 3 and "time limit reached" in first.stderr, first.stderr
-    second = subprocess.run([*base, "--out", str(tmp_path / "split")], env=env, capture_output=True, text=True)
+    split = [*base, "--out", str(tmp_path / "split")]
+    proc = subprocess.Popen(split, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:  # stop it once it has trained (past the capture)
+        progress = list((tmp_path / "split").glob("*/progress.json"))
+        try:
+            if progress and json.loads(progress[0].read_text()).get("iteration", 0) >= 100:
+                break
+        except (OSError, ValueError):
+            pass  # written atomically, but the directory may be in the middle of appearing
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal arrived")
+    assert proc.returncode == 143 and "Stopped:" in err, err
+    second = subprocess.run(split, env=env, capture_output=True, text=True)
     assert second.returncode == 0 and "resumed from iteration" in second.stdout, second.stderr
     ran, ref = only(tmp_path / "split"), only(tmp_path / "ref")
     ours, theirs = (json.loads((d / "summary.json").read_text()) for d in (ran, ref))
     assert len(ours["sessions"]) == 2 and ours["sessions"][1]["device"].startswith("cuda:")
-    assert ours["n"] == theirs["n"] == 50 and abs(ours["accuracy_mean"] - theirs["accuracy_mean"]) < 0.03
+    # Same episodes, same updates up to rounding: the first log rows agree closely; after thousands of steps
+    # rounding differences may have grown, so the end is compared statistically (50 episodes: SE ~2 points).
+    assert ours["n"] == theirs["n"] == 50 and abs(ours["accuracy_mean"] - theirs["accuracy_mean"]) < 0.06
     ours_log, ref_log = (pd.read_csv(d / "train_log.csv") for d in (ran, ref))
-    assert list(ours_log["iteration"]) == list(ref_log["iteration"])
-    assert (ours_log["loss"] - ref_log["loss"]).abs().max() < 0.05 * ref_log["loss"].abs().max()
+    assert list(ours_log["iteration"]) == list(ref_log["iteration"]) and ours_log["loss"].notna().all()
+    early = ref_log["iteration"] <= 100
+    assert ((ours_log["loss"] - ref_log["loss"]).abs()[early] <= 1e-3 * ref_log["loss"].abs()[early]).all()
     config = json.loads((ran / "config.json").read_text())
     assert config["tf32_convolutions"] is False and config["device"].startswith("cuda:")
+
+
+def test_sessions_record_where_each_session_began():
+    from benchmark.harness.runner import TrainState, _record_session
+
+    train = TrainState()
+    _record_session(train, {"device": "cuda:0"})
+    train.iteration = 40
+    _record_session(train, {"device": "cuda:0"})
+    _record_session(train, {"device": "cuda:1"})  # the session before trained nothing: replaced
+    assert [(s["from_iteration"], s["device"]) for s in train.sessions] == [(0, "cuda:0"), (40, "cuda:1")]
+    old = TrainState(iteration=500)  # a checkpoint written before sessions were recorded
+    _record_session(old, {"device": "cpu"})
+    assert old.sessions[0] == {"from_iteration": 0, "note": "earlier sessions not recorded"}
+    assert old.sessions[1]["from_iteration"] == 500

@@ -79,6 +79,18 @@ def _plain(value: Any) -> Any:
     return str(value) if isinstance(value, str) else value
 
 
+def _record_session(train: TrainState, environment: dict[str, Any]) -> None:
+    """Add this session to ``train.sessions``. A session that trained nothing (stopped before its first
+    iteration) is replaced by the next; a checkpoint from before sessions were recorded gets a first entry
+    that says so."""
+    if train.iteration > 0 and not train.sessions:
+        train.sessions.append({"from_iteration": 0, "note": "earlier sessions not recorded"})
+    if train.sessions and train.sessions[-1]["from_iteration"] == train.iteration:
+        train.sessions.pop()
+    train.sessions.append({"from_iteration": train.iteration,
+                           "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **environment})
+
+
 #: What each session of a run records (from ``provenance.environment``).
 SESSION_KEYS = ("device", "device_name", "torch_version", "cuda_version", "metabench_version", "git_commit",
                 "tf32_convolutions", "tf32_matmul")
@@ -277,8 +289,7 @@ class Runner:
             self.dir.write_config(self._config_record(learner, test_manifest, val_manifest))
             self.dir.write_manifest(test_manifest.to_json(pools.test))
         resumed_from = train.iteration
-        train.sessions.append({"from_iteration": train.iteration, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                               **{key: _plain(self.environment.get(key)) for key in SESSION_KEYS}})
+        _record_session(train, {key: _plain(self.environment.get(key)) for key in SESSION_KEYS})
         self.progress({"event": "start", "iteration": train.iteration, "total": plan.settings.iterations,
                        "dir": self.dir.path})
 
