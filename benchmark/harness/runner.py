@@ -268,11 +268,14 @@ class Runner:
         return learner, phases
 
     def _skipped(self) -> RunOutcome:
-        config = R.read_json(self.dir / R.CONFIG)
-        recorded = (config.get("plugin") or {}).get("code_sha256")
-        now = self.plan.provenance.get("code_sha256")
         summary = R.read_json(self.dir / R.SUMMARY)
-        return RunOutcome(self.dir.path, summary, skipped=True, code_changed=bool(recorded and now and recorded != now))
+        return RunOutcome(self.dir.path, summary, skipped=True, code_changed=self._code_change() is not None)
+
+    def _code_change(self) -> tuple[str, str] | None:
+        """(recorded, current) hash of the learner's code when the run directory was made with other code."""
+        recorded = (R.read_json(self.dir / R.CONFIG).get("plugin") or {}).get("code_sha256")
+        now = self.plan.provenance.get("code_sha256")
+        return (recorded, now) if recorded and now and recorded != now else None
 
     def _run(self, state: str, learner: Learner, phases: list[Episodes | Minibatches]) -> RunOutcome:
         plan, pools = self.plan, self.session.pools
@@ -339,9 +342,9 @@ class Runner:
 
     def _refuse_changed_code(self) -> None:
         """A run resumed with other learner code would be one result from two algorithms."""
-        recorded = (R.read_json(self.dir / R.CONFIG).get("plugin") or {}).get("code_sha256")
-        now = self.plan.provenance.get("code_sha256")
-        if recorded and now and recorded != now:
+        change = self._code_change()
+        if change is not None:
+            recorded, now = change
             raise BenchError(
                 f"{self.dir.path} was started with other code of learner {self.plan.learner!r} (code sha256 "
                 f"{recorded[:12]}, now {now[:12]}); resuming would make one result of two versions: check out the "

@@ -208,19 +208,18 @@ def _worker_context():
 def _decode_chunks(grouped: list, workers: int) -> list:
     """Decode every chunk, in worker processes when there are several; a bad file becomes a ``DataError``."""
     try:
-        if workers <= 1 or len(grouped) <= 1:
-            return [a for g in grouped for a in _decode_chunk(g)]
-        with ProcessPoolExecutor(max_workers=workers, mp_context=_worker_context()) as pool:
-            try:
-                return [a for part in pool.map(_decode_chunk, grouped) for a in part]
-            except _Unreadable:
-                pool.shutdown(cancel_futures=True)  # the decode has failed: do not finish the other chunks
-                raise
-            except BrokenProcessPool:
-                # A worker imports the main script; one without an `if __name__ == "__main__":` guard re-runs
-                # and the worker dies. Decoding here is slower, never wrong.
-                warn_on_stderr("note: the Omniglot decode workers could not start (is the main script missing an "
-                               "`if __name__ == \"__main__\":` guard?); decoding in this process instead")
+        if workers > 1 and len(grouped) > 1:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=_worker_context()) as pool:
+                try:
+                    return [a for part in pool.map(_decode_chunk, grouped) for a in part]
+                except _Unreadable:
+                    pool.shutdown(cancel_futures=True)  # the decode has failed: do not finish the other chunks
+                    raise
+                except BrokenProcessPool:
+                    # A worker imports the main script; one without an `if __name__ == "__main__":` guard re-runs
+                    # and the worker dies. Decoding here is slower, never wrong.
+                    warn_on_stderr("note: the Omniglot decode workers could not start (is the main script missing "
+                                   "an `if __name__ == \"__main__\":` guard?); decoding in this process instead")
         return [a for g in grouped for a in _decode_chunk(g)]
     except _Unreadable as exc:
         raise _invalid_source(*exc.args) from None
